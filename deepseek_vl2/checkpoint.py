@@ -1,0 +1,151 @@
+"""Load an official DeepSeek-VL2 checkpoint directory into :class:`DeepseekVL2`.
+
+The model is built on the meta device (no random initialisation), every parameter is allocated
+once on the target device in the target dtype, and tensors are copied in straight from the
+safetensors files (single ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``). Routed-expert weights are copied into their stacked tensors.
+The key check is strict: missing and unexpected keys are listed in the error. The vision
+attention-pooling head (``vision.attn_pool.*``) is skipped on purpose — DeepSeek-VL2 never uses it.
+"""
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+from safetensors import safe_open
+
+from .config import load_config
+from .model import DeepseekVL2
+
+UNUSED_KEY_PREFIXES = ("vision.attn_pool.",)
+_EXPERT_KEY = re.compile(r"^(?P<moe>.+\.mlp)\.experts\.(?P<e>\d+)\.(?P<part>gate|up|down)_proj\.weight$")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint files do not match the model the config describes."""
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA, float32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def weight_files(checkpoint_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards of the index, or model.safetensors."""
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
+    single = checkpoint_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {checkpoint_dir}")
+
+
+def _target(key: str, intermediate: dict[str, int]) -> tuple[str, tuple]:
+    """Map an official key to (parameter name, index into that parameter)."""
+    match = _EXPERT_KEY.match(key)
+    if match is None:
+        return key, ()
+    prefix, expert, part = match["moe"], int(match["e"]), match["part"]
+    if part == "down":
+        return f"{prefix}.experts.down", (expert,)
+    size = intermediate[prefix]
+    rows = slice(0, size) if part == "gate" else slice(size, 2 * size)
+    return f"{prefix}.experts.gate_up", (expert, rows)
+
+
+def expected_keys(model: DeepseekVL2) -> set[str]:
+    """The official checkpoint keys this model needs (routed experts listed one by one)."""
+    keys = set()
+    for name, param in model.named_parameters():
+        if name.endswith(".experts.gate_up"):
+            prefix = name[: -len(".experts.gate_up")]
+            for e in range(param.shape[0]):
+                keys.update(f"{prefix}.experts.{e}.{p}_proj.weight" for p in ("gate", "up", "down"))
+        elif not name.endswith(".experts.down"):
+            keys.add(name)
+    return keys
+
+
+def _iter_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    load_device = str(device) if device.type in ("cpu", "cuda") else "cpu"
+    for path in files:
+        with safe_open(str(path), framework="pt", device=load_device) as handle:
+            for key in handle.keys():
+                if not key.startswith(UNUSED_KEY_PREFIXES):
+                    yield key, handle.get_tensor(key)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Register every new module parameter on the meta device: building costs no memory or init time.
+
+    (A plain ``torch.device("meta")`` context breaks timm, which reads values while building.)
+    """
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def load_model(
+    checkpoint_dir: Union[str, Path],
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> DeepseekVL2:
+    """Build DeepSeek-VL2 from an official checkpoint directory; returns the model in eval mode."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    files = weight_files(checkpoint_dir)
+    with parameters_on_meta():
+        model = DeepseekVL2(config)
+    params = {name: torch.empty(p.shape, device=device, dtype=dtype) for name, p in model.named_parameters()}
+    intermediate = {
+        name[: -len(".experts.gate_up")]: p.shape[1] // 2 for name, p in params.items() if name.endswith(".experts.gate_up")
+    }
+    needed = expected_keys(model)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for key, tensor in _iter_tensors(files, device):
+        if key not in needed:
+            unexpected.append(key)
+            continue
+        name, index = _target(key, intermediate)
+        destination = params[name][index] if index else params[name]
+        if tuple(destination.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{key}: checkpoint shape {tuple(tensor.shape)} differs from the config's {tuple(destination.shape)}"
+            )
+        destination.copy_(tensor)
+        seen.add(key)
+    missing = sorted(needed - seen)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} does not match its config.json: "
+            f"{len(missing)} missing key(s) {missing[:20]}, {len(unexpected)} unexpected key(s) {sorted(unexpected)[:20]}"
+        )
+    for name, value in params.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+    return model.eval()

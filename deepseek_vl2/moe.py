@@ -1,0 +1,140 @@
+"""Feed-forward blocks of the DeepSeek-V2 decoder: SwiGLU MLP, the MoE gate, and the MoE layer.
+
+Routed experts are stored stacked ([E, 2·I, D] gate+up and [E, D, I] down) so that decode can
+gather the chosen experts' weights and run batched matmuls without a Python loop over experts or
+any device→host synchronisation. Prefill, with many tokens per expert, loops over the experts
+that received tokens (one host sync per layer for the token counts).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LanguageConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Chooses top-k experts per token; returns (weights [N, k] float32, expert ids [N, k])."""
+
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.method = config.topk_method
+        self.scoring = config.scoring_func
+        self.n_group = config.n_group or 1
+        self.topk_group = config.topk_group or 1
+        self.normalise = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.empty(self.n_experts))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert scores [N, E] in float32 (softmax or sigmoid of the gate logits)."""
+        logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))
+        return logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+
+    def _keep_groups(self, choice: torch.Tensor, group_score: torch.Tensor) -> torch.Tensor:
+        """Zero the experts outside the topk_group best groups (0.0, not -inf, as the reference)."""
+        n = choice.shape[0]
+        kept = group_score.topk(self.topk_group, dim=-1, sorted=False).indices  # [N, topk_group]
+        group_mask = torch.zeros_like(group_score).scatter_(1, kept, 1.0)
+        expert_mask = group_mask.unsqueeze(-1).expand(n, self.n_group, self.n_experts // self.n_group)
+        return choice.masked_fill(expert_mask.reshape(n, -1) == 0, 0.0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.scores(x)
+        n = scores.shape[0]
+        if self.method == "greedy":
+            weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
+        else:
+            if self.method == "noaux_tc":
+                choice = scores + self.e_score_correction_bias.to(torch.float32).unsqueeze(0)
+                group_score = choice.view(n, self.n_group, -1).topk(2, dim=-1).values.sum(-1)
+            else:  # group_limited_greedy
+                choice = scores
+                group_score = choice.view(n, self.n_group, -1).max(dim=-1).values
+            choice = self._keep_groups(choice, group_score)
+            ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, ids)
+        if self.top_k > 1 and self.normalise:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids
+
+
+class StackedExperts(nn.Module):
+    """All routed experts' SwiGLU weights in two stacked tensors."""
+
+    def __init__(self, n_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
+        self.down = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+
+    def run_gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [N, D], ids [N, k] → expert outputs [N, k, D], gathering the chosen experts' weights."""
+        n, k = ids.shape
+        flat_ids = ids.reshape(-1)
+        inputs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N·k, D, 1]
+        gate, up = torch.bmm(self.gate_up[flat_ids], inputs).squeeze(-1).split(self.intermediate, dim=-1)
+        hidden = (F.silu(gate) * up).unsqueeze(-1)  # [N·k, I, 1]
+        return torch.bmm(self.down[flat_ids], hidden).view(n, k, -1)
+
+    def run_grouped(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Same result as run_gathered, grouping tokens by expert (efficient for many tokens)."""
+        n, k = ids.shape
+        flat_ids = ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.gate_up.shape[0]).tolist()
+        tokens = x[order // k]
+        outputs = torch.empty_like(tokens)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                gate, up = F.linear(tokens[rows], self.gate_up[expert]).split(self.intermediate, dim=-1)
+                outputs[rows] = F.linear(F.silu(gate) * up, self.down[expert])
+                start += count
+        result = torch.empty_like(outputs)
+        result[order] = outputs
+        return result.view(n, k, -1)
+
+
+class MoE(nn.Module):
+    """Routed experts (weighted by the gate) plus always-on shared experts."""
+
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = StackedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = None
+        if config.n_shared_experts:
+            self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, ids = self.gate(flat)
+        if ids.numel() <= self.experts.gate_up.shape[0]:
+            expert_out = self.experts.run_gathered(flat, ids)
+        else:
+            expert_out = self.experts.run_grouped(flat, ids)
+        routed = (expert_out.to(torch.float32) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(flat)
+        return routed.view(shape)
