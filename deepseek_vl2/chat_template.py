@@ -1,0 +1,75 @@
+"""The "deepseek" chat template of DeepSeek-VL2 (conversation -> prompt text).
+
+A turn is ``role + ": " + text + separator``; the separator alternates with the position of the
+message in the list: "\\n\\n" after even positions (user turns), the eos string after odd ones
+(assistant turns). A message with empty text is written as ``role + ":"`` with no separator, which
+is how the open assistant turn at the end of a prompt looks. A non-empty system prompt comes
+first, followed by "\\n\\n".
+
+Two different texts come out of a conversation, exactly as in the official processor:
+
+* :func:`format_conversation` — the whole conversation as one string (the ``sft_format`` the
+  reference reports). It is *not* what gets tokenized in multi-turn chats.
+* :func:`format_user_turn` — the text that is tokenized for one user turn
+  (``"<|User|>: " + text + "\\n\\n<|Assistant|>:"``); assistant replies are tokenized on their own
+  (see ``processor.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+USER_ROLE = "<|User|>"
+ASSISTANT_ROLE = "<|Assistant|>"
+USER_SEPARATOR = "\n\n"
+ASSISTANT_SEPARATOR = "<｜end▁of▁sentence｜>"  # the template's eos string (sep2)
+SYSTEM_SEPARATOR = USER_SEPARATOR
+
+# Role names accepted in a conversation, mapped to the template's role tokens.
+ROLE_ALIASES = {
+    USER_ROLE: USER_ROLE,
+    "user": USER_ROLE,
+    ASSISTANT_ROLE: ASSISTANT_ROLE,
+    "assistant": ASSISTANT_ROLE,
+}
+
+
+def normalize_role(role: object) -> str:
+    """Map a message role ("<|User|>", "user", "<|Assistant|>", "assistant") to its role token.
+
+    Raises ValueError for any other role (system prompts go in the ``system_prompt`` argument).
+    """
+    if isinstance(role, str) and role in ROLE_ALIASES:
+        return ROLE_ALIASES[role]
+    if role == "system":
+        raise ValueError(
+            "system messages are not supported inside the conversation; pass the text as the "
+            "system_prompt argument instead"
+        )
+    raise ValueError(
+        f"unknown message role {role!r}; use '{USER_ROLE}' (or 'user') and "
+        f"'{ASSISTANT_ROLE}' (or 'assistant')"
+    )
+
+
+def render_turns(turns: Sequence[tuple[str, str]], system_prompt: str = "") -> str:
+    """Render (role, text) pairs with the deepseek separator style, system prompt first."""
+    parts = [system_prompt + SYSTEM_SEPARATOR] if system_prompt else []
+    separators = (USER_SEPARATOR, ASSISTANT_SEPARATOR)
+    for index, (role, text) in enumerate(turns):
+        if text:
+            parts.append(f"{role}: {text}{separators[index % 2]}")
+        else:
+            parts.append(f"{role}:")
+    return "".join(parts)
+
+
+def format_conversation(conversation: Sequence[Mapping[str, str]], system_prompt: str = "") -> str:
+    """The prompt string the reference reports: all turns (texts stripped), then stripped."""
+    turns = [(normalize_role(m["role"]), str(m["content"]).strip()) for m in conversation]
+    return render_turns(turns, system_prompt).strip()
+
+
+def format_user_turn(text: str) -> str:
+    """The text tokenized for one user turn: the user message followed by the open assistant role."""
+    return render_turns([(USER_ROLE, text.strip()), (ASSISTANT_ROLE, "")])

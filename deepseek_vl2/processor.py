@@ -1,0 +1,440 @@
+"""DeepSeek-VL2 processor: chat template, image tiling, `<image>` expansion and tokenization.
+
+Reproduces the official ``DeepseekVLV2Processor`` in inference mode (see
+docs/processor.md for the user-facing description):
+
+* token stream: bos, then per user turn ``"<|User|>: " + text + "\\n\\n<|Assistant|>:"``, per
+  assistant reply the stripped reply tokenized on its own followed by eos; the final eos (of the
+  open assistant turn) is dropped. Text is encoded without automatic special tokens, one piece
+  between consecutive ``<image>`` tags at a time, and every tag is replaced by that image's tokens.
+* images: a 384×384 global view plus a grid of 384×384 local tiles (letter-boxed with
+  ``ImageOps.pad``, fill = mean colour), normalised as ``(x/255 - mean)/std`` in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .chat_template import (
+    ASSISTANT_ROLE,
+    SYSTEM_SEPARATOR,
+    USER_ROLE,
+    format_conversation,
+    format_user_turn,
+    normalize_role,
+)
+from .config import ConfigError
+
+PROCESSOR_CONFIG_FILE = "processor_config.json"
+GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
+CHAT_ROLE_TOKENS = (USER_ROLE, ASSISTANT_ROLE)
+SUPPORTED_SFT_FORMATS = ("deepseek",)
+
+
+@dataclass
+class ProcessedInputs:
+    """Model inputs for one conversation (no batch dimension)."""
+
+    prompt: str  # the sft_format string the reference reports
+    input_ids: torch.Tensor  # [T] int64
+    images: torch.Tensor  # [n_tiles, 3, S, S] float32; one all-zero tile when there is no image
+    images_seq_mask: torch.Tensor  # [T] bool, true at image-token positions
+    images_spatial_crop: torch.Tensor  # [n_images, 2] int64 (tiles across, tiles down); [[0, 0]] without image
+    num_image_tokens: list[int]  # per image
+
+
+def select_best_resolution(
+    width: int, height: int, candidates: Sequence[Sequence[int]]
+) -> tuple[int, int]:
+    """Pick the candidate (w, h) that keeps the most of a width×height image's resolution.
+
+    The effective resolution of a candidate is ``min(int(W·s)·int(H·s), W·H)`` with
+    ``s = min(w/W, h/H)``; the largest wins, ties go to the least wasted area
+    ``w·h − effective``, remaining ties to the earlier candidate.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if not candidates:
+        raise ValueError("candidate_resolutions is empty")
+    best: tuple[int, int] | None = None
+    best_effective, best_wasted = -1, math.inf
+    for cand_w, cand_h in candidates:
+        scale = min(cand_w / width, cand_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = cand_w * cand_h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (int(cand_w), int(cand_h)), effective, wasted
+    assert best is not None
+    return best
+
+
+def num_image_tokens_for_crop(
+    tiles_across: int,
+    tiles_down: int,
+    image_size: int = 384,
+    patch_size: int = 14,
+    downsample_ratio: int = 2,
+) -> int:
+    """Number of `<image>` tokens for one image cut into tiles_across × tiles_down local tiles.
+
+    With q = ceil((image_size // patch_size) / downsample_ratio) tokens per tile side (14 for
+    384/14/2): global view q·(q+1) (a newline closes each row), one view separator, local grid
+    (tiles_down·q)·(tiles_across·q + 1).
+    """
+    side = math.ceil((image_size // patch_size) / downsample_ratio)
+    global_tokens = side * (side + 1)
+    local_tokens = (tiles_down * side) * (tiles_across * side + 1)
+    return global_tokens + 1 + local_tokens
+
+
+def letterbox(image: Image.Image, size: tuple[int, int], fill: tuple[int, ...]) -> Image.Image:
+    """Resize keeping the aspect ratio (bicubic) and centre on a `size` canvas filled with `fill`.
+
+    These are Pillow's ``ImageOps.pad`` semantics, which the official processor uses.
+    """
+    return ImageOps.pad(image, size, method=Image.Resampling.BICUBIC, color=fill)
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    """The fields of `processor_config.json` that inference uses (official defaults)."""
+
+    candidate_resolutions: tuple[tuple[int, int], ...]
+    patch_size: int = 14
+    downsample_ratio: int = 2
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    normalize: bool = True
+    image_token: str = "<image>"
+    pad_token: str = "<｜▁pad▁｜>"
+    sft_format: str = "deepseek"
+
+    @property
+    def image_size(self) -> int:
+        """Side of one tile: the width of the first candidate resolution (384 in practice)."""
+        return self.candidate_resolutions[0][0]
+
+    @property
+    def fill_color(self) -> tuple[int, ...]:
+        """Letter-box colour: the mean as 0–255 integers, truncated (0.5 -> 127)."""
+        return tuple(int(m * 255) for m in self.image_mean)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ProcessorSettings":
+        """Build from a parsed processor_config.json, validating what inference relies on."""
+        raw = data.get("candidate_resolutions")
+        if not raw:
+            raise ConfigError("processor_config: 'candidate_resolutions' is missing or empty")
+        try:
+            candidates = tuple((int(w), int(h)) for w, h in raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"processor_config: 'candidate_resolutions' must be [width, height] pairs, got {raw!r}"
+            ) from exc
+        settings = cls(
+            candidate_resolutions=candidates,
+            patch_size=int(data.get("patch_size", cls.patch_size)),
+            downsample_ratio=int(data.get("downsample_ratio", cls.downsample_ratio)),
+            image_mean=tuple(float(x) for x in data.get("image_mean", cls.image_mean)),
+            image_std=tuple(float(x) for x in data.get("image_std", cls.image_std)),
+            normalize=bool(data.get("normalize", cls.normalize)),
+            image_token=str(data.get("image_token", cls.image_token)),
+            pad_token=str(data.get("pad_token", cls.pad_token)),
+            sft_format=str(data.get("sft_format", cls.sft_format)),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ConfigError (a ValueError) when the settings cannot be used for tiling."""
+        size = self.image_size
+        for w, h in self.candidate_resolutions:
+            if w <= 0 or h <= 0 or w % size or h % size:
+                raise ConfigError(
+                    f"processor_config: candidate resolution [{w}, {h}] is not a positive multiple "
+                    f"of the tile size {size} (the first candidate's width)"
+                )
+        if self.sft_format not in SUPPORTED_SFT_FORMATS:
+            raise ConfigError(
+                f"processor_config: sft_format {self.sft_format!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_SFT_FORMATS)}"
+            )
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ConfigError("processor_config: image_mean and image_std need 3 values (RGB)")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load the fast tokenizer of a checkpoint directory (tokenizer.json + tokenizer_config.json).
+
+    Uses the class named in tokenizer_config.json (LlamaTokenizerFast for the real checkpoints)
+    and falls back to a plain PreTrainedTokenizerFast.
+    """
+    path = Path(path)
+    config_file = path / "tokenizer_config.json"
+    tokenizer_class = None
+    if config_file.is_file():
+        tokenizer_class = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
+    if tokenizer_class:
+        return AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def build_conversation(
+    prompt: str, num_images: int, image_token: str = "<image>"
+) -> list[dict[str, str]]:
+    """A single-turn conversation for `prompt`, ready for `DeepseekVL2Processor.process`.
+
+    Without any `<image>` tag in the prompt, `num_images` tags (each followed by a newline) are
+    put in front of it; with tags, the prompt is kept as is (process() checks the count).
+    """
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
+    content = prompt if image_token in prompt else f"{image_token}\n" * num_images + prompt
+    return [{"role": USER_ROLE, "content": content}, {"role": ASSISTANT_ROLE, "content": ""}]
+
+
+class DeepseekVL2Processor:
+    """Turns a chat conversation and its images into DeepSeek-VL2 model inputs."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, settings: ProcessorSettings):
+        """Wrap `tokenizer`, adding any missing special token (pad, image, grounding, roles)."""
+        settings.validate()
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.image_token = settings.image_token
+        self._ensure_special_tokens()
+        vocab = tokenizer.get_vocab()
+        self.image_token_id: int = vocab[self.image_token]
+        self.bos_id: int = self._required_id("bos_token_id")
+        self.eos_id: int = self._required_id("eos_token_id")
+        self.pad_id: int = self._required_id("pad_token_id")
+        channel = lambda values: torch.tensor(values, dtype=torch.float32).view(3, 1, 1)  # noqa: E731
+        self._mean, self._std = channel(settings.image_mean), channel(settings.image_std)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "DeepseekVL2Processor":
+        """Load `processor_config.json` and the tokenizer from a checkpoint directory."""
+        path = Path(path)
+        config_file = path / PROCESSOR_CONFIG_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: is {path} a DeepSeek-VL2 checkpoint?")
+        settings = ProcessorSettings.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
+        return cls(load_tokenizer(path), settings)
+
+    # ----------------------------------------------------------------- tokenizer set-up
+
+    def _ensure_special_tokens(self) -> None:
+        """Add the special tokens the official processor relies on when absent, in its order."""
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.add_special_tokens({"pad_token": self.settings.pad_token})
+        known = set(tok.get_vocab())
+        for token in (self.image_token, *GROUNDING_TOKENS, *CHAT_ROLE_TOKENS):
+            if token not in known:  # one at a time so that new ids follow this order
+                tok.add_special_tokens(
+                    {"additional_special_tokens": [token]}, replace_additional_special_tokens=False
+                )
+                known.add(token)
+
+    def _required_id(self, attribute: str) -> int:
+        value = getattr(self.tokenizer, attribute)
+        if value is None:
+            raise ValueError(f"the tokenizer defines no {attribute.removesuffix('_id')}")
+        return int(value)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` without automatic special tokens (special-token strings still map)."""
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    # ----------------------------------------------------------------- image geometry
+
+    @property
+    def image_size(self) -> int:
+        """Side of one square tile in pixels (384)."""
+        return self.settings.image_size
+
+    def crop_for_image(self, width: int, height: int, num_images: int = 1) -> tuple[int, int]:
+        """(tiles across, tiles down) for a width×height image in a conversation of `num_images`.
+
+        With at most 2 images the best candidate resolution is used; with 3 or more every image
+        gets a single local tile.
+        """
+        if num_images > 2:
+            return 1, 1
+        best_w, best_h = select_best_resolution(width, height, self.settings.candidate_resolutions)
+        return best_w // self.image_size, best_h // self.image_size
+
+    def num_image_tokens_for_crop(self, tiles_across: int, tiles_down: int) -> int:
+        """Image tokens for one image with the given local grid (this processor's geometry)."""
+        s = self.settings
+        return num_image_tokens_for_crop(
+            tiles_across, tiles_down, s.image_size, s.patch_size, s.downsample_ratio
+        )
+
+    def num_image_tokens(self, width: int, height: int, num_images: int = 1) -> int:
+        """Image tokens for a width×height image in a conversation of `num_images` images."""
+        return self.num_image_tokens_for_crop(*self.crop_for_image(width, height, num_images))
+
+    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> [3, H, W] float32, scaled to [0, 1] and normalised like torchvision."""
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        values = pixels.to(torch.float32).div(255)
+        if self.settings.normalize:
+            values = values.sub(self._mean).div(self._std)
+        return values
+
+    def image_tiles(self, image: Image.Image, crop: tuple[int, int]) -> torch.Tensor:
+        """Global view then local tiles (row by row) of one image: [1 + tw·th, 3, S, S] float32."""
+        size, fill = self.image_size, self.settings.fill_color
+        tiles_across, tiles_down = crop
+        global_view = self._to_tensor(letterbox(image, (size, size), fill))  # [3, S, S]
+        local_view = letterbox(image, (tiles_across * size, tiles_down * size), fill)
+        local = self._to_tensor(local_view)  # [3, th·S, tw·S]
+        local = local.view(3, tiles_down, size, tiles_across, size).permute(1, 3, 0, 2, 4)
+        local = local.reshape(tiles_down * tiles_across, 3, size, size)
+        return torch.cat([global_view.unsqueeze(0), local], dim=0)
+
+    # ----------------------------------------------------------------- the whole conversation
+
+    def process(
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        images: Sequence[Image.Image] | None = None,
+        system_prompt: str = "",
+        *,
+        system_prompt_in_tokens: bool = False,
+    ) -> ProcessedInputs:
+        """Turn a conversation and its images (in `<image>` tag order) into model inputs.
+
+        `conversation` is a list of ``{"role": "<|User|>" | "<|Assistant|>", "content": str}``
+        (``"user"``/``"assistant"`` are accepted too) ending with an assistant turn, normally
+        empty (the model writes the reply); a non-empty last assistant turn is continued.
+
+        System prompt: like the official processor, `system_prompt` appears only in the
+        returned ``prompt`` string and does not change the tokens. With
+        ``system_prompt_in_tokens=True`` a non-empty system prompt (stripped) followed by
+        "\\n\\n" is tokenized right after bos, which is where the chat template puts it, so the
+        model actually sees it.
+
+        Raises ValueError when the number of `<image>` tags in the user turns differs from the
+        number of images, or when the conversation is malformed.
+        """
+        images = list(images or [])
+        turns = self._validated_turns(conversation)
+        self._check_image_count(turns, images)
+        cropping_images = len(images)
+
+        ids: list[int] = [self.bos_id]
+        mask: list[bool] = [False]
+        tiles: list[torch.Tensor] = []
+        crops: list[tuple[int, int]] = []
+        token_counts: list[int] = []
+
+        def add_text(text: str) -> None:
+            piece = self.encode_text(text)
+            ids.extend(piece)
+            mask.extend([False] * len(piece))
+
+        if system_prompt_in_tokens and system_prompt.strip():
+            if self.image_token in system_prompt:
+                raise ValueError(
+                    f"the system prompt contains {self.image_token}; images can only be "
+                    "referenced from user messages"
+                )
+            add_text(system_prompt.strip() + SYSTEM_SEPARATOR)
+
+        next_image = 0
+        for role, text in turns:
+            if role == ASSISTANT_ROLE:
+                add_text(text)
+                ids.append(self.eos_id)
+                mask.append(False)
+                continue
+            pieces = format_user_turn(text).split(self.image_token)
+            for piece_index, piece in enumerate(pieces):
+                add_text(piece)
+                if piece_index == len(pieces) - 1:
+                    break
+                image = images[next_image]
+                next_image += 1
+                if image.mode != "RGB":
+                    image = image.convert("RGB")
+                crop = self.crop_for_image(image.width, image.height, cropping_images)
+                tiles.append(self.image_tiles(image, crop))
+                crops.append(crop)
+                count = self.num_image_tokens_for_crop(*crop)
+                token_counts.append(count)
+                ids.extend([self.image_token_id] * count)
+                mask.extend([True] * count)
+
+        # inference mode: drop the eos that closes the final assistant turn
+        ids, mask = ids[:-1], mask[:-1]
+
+        size = self.image_size
+        if tiles:
+            pixel_tiles = torch.cat(tiles, dim=0)
+            spatial_crop = torch.tensor(crops, dtype=torch.long)
+        else:
+            pixel_tiles = torch.zeros((1, 3, size, size), dtype=torch.float32)
+            spatial_crop = torch.zeros((1, 2), dtype=torch.long)
+        return ProcessedInputs(
+            prompt=format_conversation(
+                [{"role": r, "content": t} for r, t in turns], system_prompt=system_prompt
+            ),
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            images=pixel_tiles,
+            images_seq_mask=torch.tensor(mask, dtype=torch.bool),
+            images_spatial_crop=spatial_crop,
+            num_image_tokens=token_counts,
+        )
+
+    def _validated_turns(self, conversation: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+        """(role token, stripped text) per message, checking roles and structure."""
+        if isinstance(conversation, (str, bytes)) or not conversation:
+            raise ValueError(
+                "conversation must be a non-empty list of {'role': ..., 'content': ...} messages"
+            )
+        turns = []
+        for index, message in enumerate(conversation):
+            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+                raise ValueError(f"message {index} must be a dict with 'role' and 'content' keys")
+            content = message["content"]
+            if not isinstance(content, str):
+                raise ValueError(f"message {index}: 'content' must be a string, got {type(content).__name__}")
+            role = normalize_role(message["role"])
+            if role == ASSISTANT_ROLE and self.image_token in content:
+                raise ValueError(
+                    f"message {index}: assistant messages cannot contain {self.image_token}; "
+                    "put image tags in user messages"
+                )
+            turns.append((role, content.strip()))
+        if turns[-1][0] != ASSISTANT_ROLE:
+            raise ValueError(
+                "the conversation must end with an assistant message; append "
+                f"{{'role': '{ASSISTANT_ROLE}', 'content': ''}} to ask the model for a reply"
+            )
+        return turns
+
+    def _check_image_count(self, turns: list[tuple[str, str]], images: list[Image.Image]) -> None:
+        tags = sum(text.count(self.image_token) for _, text in turns)
+        if tags != len(images):
+            raise ValueError(
+                f"the prompt has {tags} {self.image_token} tag(s) but {len(images)} image(s) were "
+                f"given; put exactly one {self.image_token} tag in the user messages for each image "
+                "(add or remove tags, or pass as many images as there are tags)"
+            )
+        for index, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise ValueError(f"image {index} is a {type(image).__name__}, expected a PIL image")
+            if image.width <= 0 or image.height <= 0:
+                raise ValueError(f"image {index} is empty ({image.width}x{image.height})")
