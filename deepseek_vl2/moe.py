@@ -2,8 +2,9 @@
 
 Routed experts are stored stacked ([E, 2·I, D] gate+up and [E, D, I] down) so that decode can
 gather the chosen experts' weights and run batched matmuls without a Python loop over experts or
-any device→host synchronisation. Prefill, with many tokens per expert, loops over the experts
-that received tokens (one host sync per layer for the token counts).
+any device→host synchronisation (or, for decode batches choosing more experts than exist, run
+every expert once). Prefill, with many tokens per expert, loops over the experts that received
+tokens (one host sync per layer for the token counts).
 """
 from __future__ import annotations
 
@@ -95,6 +96,13 @@ class StackedExperts(nn.Module):
         hidden = (F.silu(gate) * up).unsqueeze(-1)  # [N·k, I, 1]
         return torch.bmm(self.down[flat_ids], hidden).view(n, k, -1)
 
+    def run_dense(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Same result as run_gathered, running every expert on every token: reads each weight once,
+        with no host synchronisation — the choice for decode batches where N·k exceeds the expert count."""
+        gate, up = torch.einsum("nd,eid->nei", x, self.gate_up).split(self.intermediate, dim=-1)
+        out = torch.einsum("nei,edi->ned", F.silu(gate) * up, self.down)  # [N, E, D]
+        return out.gather(1, ids.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+
     def run_grouped(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Same result as run_gathered, grouping tokens by expert (efficient for many tokens)."""
         n, k = ids.shape
@@ -130,10 +138,12 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids = self.gate(flat)
-        if ids.numel() <= self.experts.gate_up.shape[0]:
-            expert_out = self.experts.run_gathered(flat, ids)
-        else:
+        if x.dim() == 3 and x.shape[1] > 1:  # prefill: many tokens, group them by expert
             expert_out = self.experts.run_grouped(flat, ids)
+        elif ids.numel() <= self.experts.gate_up.shape[0]:  # decode, few tokens: gather their experts
+            expert_out = self.experts.run_gathered(flat, ids)
+        else:  # decode, large batch: every expert once, no host sync
+            expert_out = self.experts.run_dense(flat, ids)
         routed = (expert_out.to(torch.float32) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(flat)

@@ -1,0 +1,1 @@
+"""Developer scripts (test checkpoint generator, tools). Importable so tests can reuse them."""
