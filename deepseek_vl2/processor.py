@@ -100,9 +100,19 @@ def num_image_tokens_for_crop(
 def letterbox(image: Image.Image, size: tuple[int, int], fill: tuple[int, ...]) -> Image.Image:
     """Resize keeping the aspect ratio (bicubic) and centre on a `size` canvas filled with `fill`.
 
-    These are Pillow's ``ImageOps.pad`` semantics, which the official processor uses.
+    These are Pillow's ``ImageOps.pad`` semantics, which the official processor uses. For extreme
+    aspect ratios (over 768:1 for a 384 tile) where ``ImageOps.pad`` would shrink the short side to
+    0 pixels and fail, the short side is kept at 1 pixel instead.
     """
-    return ImageOps.pad(image, size, method=Image.Resampling.BICUBIC, color=fill)
+    width, height = size
+    scale = min(width / image.width, height / image.height)
+    if round(image.width * scale) >= 1 and round(image.height * scale) >= 1:
+        return ImageOps.pad(image, size, method=Image.Resampling.BICUBIC, color=fill)
+    resized_size = (max(1, min(width, round(image.width * scale))), max(1, min(height, round(image.height * scale))))
+    resized = image.resize(resized_size, Image.Resampling.BICUBIC)
+    canvas = Image.new(image.mode, size, fill)
+    canvas.paste(resized, ((width - resized_size[0]) // 2, (height - resized_size[1]) // 2))
+    return canvas
 
 
 @dataclass(frozen=True)

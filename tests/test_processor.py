@@ -332,3 +332,15 @@ def test_malformed_conversations(processor, conversation, match):
 def test_non_image_input_is_rejected(processor):
     with pytest.raises(ValueError, match="PIL image"):
         processor.process(chat("<image>", ""), [np.zeros((4, 4, 3), dtype=np.uint8)])
+
+
+@pytest.mark.parametrize("size", [(1, 4000), (4000, 1), (2, 3000)])
+def test_extreme_aspect_ratio_letterboxes_to_a_one_pixel_strip(size: tuple[int, int]) -> None:
+    from deepseek_vl2.processor import letterbox
+
+    image = Image.new("RGB", size, (10, 200, 30))
+    boxed = letterbox(image, (384, 384), (127, 127, 127))
+    assert boxed.size == (384, 384)
+    pixels = np.asarray(boxed)
+    assert (pixels == (10, 200, 30)).all(axis=-1).any(), "the image strip must survive letter-boxing"
+    assert (pixels == (127, 127, 127)).all(axis=-1).sum() > 384 * 380
