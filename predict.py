@@ -6,6 +6,7 @@ images, builds the prompt and streams the generated text, recording token metric
 User-facing description: docs/cog.md.
 """
 
+import asyncio
 import math
 import os
 import time
@@ -17,12 +18,13 @@ import torch
 from PIL import Image
 
 import cog
-from cog import BasePredictor, ConcatenateIterator, FieldInfo, Input, Path
+from cog import AsyncConcatenateIterator, BasePredictor, FieldInfo, Input, Path
 from deepseek_vl2.checkpoint import default_device, default_dtype, weight_files
 from deepseek_vl2.config import load_config
 from deepseek_vl2.generation import Generator
 from deepseek_vl2.images import load_image
 from deepseek_vl2.sampling import SamplingParams, resolve_seed
+from deepseek_vl2.scheduler import BatchScheduler
 from scripts.download_weights import (
     DEFAULT_VARIANT,
     VARIANT_ENV,
@@ -267,11 +269,26 @@ def check_gpu_memory(n_params: int, free_bytes: int, name: str) -> None:
 # ------------------------------------------------------------------------------- predictor
 
 
+def concurrency_slots() -> int:
+    """Predictions served at once: ``COG_MAX_CONCURRENCY`` (set by `cog build` from cog.yaml), else 1."""
+    raw = os.environ.get("COG_MAX_CONCURRENCY", "1")
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        print(f"ignoring COG_MAX_CONCURRENCY={raw!r}: not an integer", flush=True)
+        return 1
+
+
 class Predictor(BasePredictor):
-    """DeepSeek-VL2 behind Cog: setup() loads the model once, predict() streams answers."""
+    """DeepSeek-VL2 behind Cog: setup() loads the model once, predict() streams answers.
+
+    predict() is async: concurrent predictions (up to ``COG_MAX_CONCURRENCY``, which `cog build`
+    sets from ``concurrency.max`` in cog.yaml) share one batched decode step on the GPU through
+    :class:`deepseek_vl2.scheduler.BatchScheduler` instead of queueing behind each other.
+    """
 
     def setup(self, weights: Optional[str] = None) -> None:
-        """Find or download the checkpoint, check GPU memory, load it and warm it up."""
+        """Find or download the checkpoint, check GPU memory, load it, warm it up, start the scheduler."""
         start = time.perf_counter()
         checkpoint = resolve_checkpoint(weights)
         device = default_device()
@@ -291,6 +308,10 @@ class Predictor(BasePredictor):
         )
         self._warm_up()
         print(f"warm-up took {time.perf_counter() - loaded:.1f} s", flush=True)
+        slots = concurrency_slots()
+        self.scheduler = BatchScheduler(self.engine, max_batch=slots)
+        print(f"serving up to {slots} prediction(s) at once in one batch "
+              f"({self.scheduler.cache.nbytes() / 2**20:.0f} MiB KV cache)", flush=True)
 
     def _warm_up(self) -> None:
         """One tiny generation, so the first real request does not pay for lazy GPU setup."""
@@ -300,7 +321,8 @@ class Predictor(BasePredictor):
             pass
 
     @cog.streaming
-    def predict(
+    @cog.concurrent(max=8)
+    async def predict(
         self,
         image: Path = Input(description="Image to ask about."),
         prompt: str = Input(description=PROMPT_DESCRIPTION),
@@ -325,7 +347,7 @@ class Predictor(BasePredictor):
         seed: Optional[int] = Input(
             default=None, ge=0, le=4294967295, description=SEED_DESCRIPTION
         ),
-    ) -> ConcatenateIterator[str]:
+    ) -> AsyncConcatenateIterator[str]:
         """Answer the prompt about the image(s), streaming the text as it is generated."""
         started = time.perf_counter()
         request = validate_inputs(
@@ -334,7 +356,6 @@ class Predictor(BasePredictor):
             repetition_penalty=repetition_penalty, max_length_tokens=max_length_tokens,
             stop_sequences=stop_sequences, seed=seed,
         )  # fmt: skip
-        images = [load_image(path, name=name) for name, path in request.images]
         params = SamplingParams(
             temperature=request.temperature,
             top_p=request.top_p,
@@ -344,25 +365,40 @@ class Predictor(BasePredictor):
             seed=resolve_seed(request.seed),
             stop=request.stop,
         ).validate()
-        prepared = self.engine.prepare(request.prompt, images, request.system_prompt)
+        # Decoding images and tiling them is CPU work: keep it off the event loop that streams
+        # the other predictions.
+        images, prepared = await asyncio.to_thread(self._prepare, request)
         input_tokens = int(prepared.input_ids.numel())
         self._log_request(images, prepared, input_tokens, params.seed)
         self.record_metric("input_token_count", input_tokens)
 
+        handle = self.scheduler.submit(prepared, params)
+        if handle.seq.max_new_tokens < params.max_new_tokens:
+            print(f"max_length_tokens lowered from {params.max_new_tokens} to "
+                  f"{handle.seq.max_new_tokens}: prompt and answer must fit the "
+                  f"{self.engine.context_length}-token context", flush=True)
         first_piece = True
-        for piece in self.engine.stream(prepared, params):
-            if first_piece:
-                # From the start of predict(): image decoding and prefill included.
-                self.record_metric("time_to_first_token", time.perf_counter() - started)
-                first_piece = False
-            yield piece
+        try:
+            async for piece in handle:
+                if first_piece:
+                    # From the start of predict(): image decoding and prefill included.
+                    self.record_metric("time_to_first_token", time.perf_counter() - started)
+                    first_piece = False
+                yield piece
+        finally:
+            handle.cancel()  # no-op when finished; frees the slot when cancelled or failed
         if first_piece:  # nothing visible was generated (e.g. eos straight away)
             self.record_metric("time_to_first_token", time.perf_counter() - started)
-        stats = self.engine.last_stats
+        stats = handle.stats
         self.record_metric("output_token_count", stats.new_tokens)
         if stats.tokens_per_second > 0:  # needs two tokens or more
             self.record_metric("tokens_per_second", stats.tokens_per_second)
         print(f"generated {stats.new_tokens} tokens ({stats.finish_reason})", flush=True)
+
+    def _prepare(self, request: PredictRequest) -> tuple[list[Image.Image], Any]:
+        """Decode the images and build the model inputs (runs in a worker thread)."""
+        images = [load_image(path, name=name) for name, path in request.images]
+        return images, self.engine.prepare(request.prompt, images, request.system_prompt)
 
     def _log_request(
         self, images: list[Image.Image], prepared: Any, input_tokens: int, seed: int

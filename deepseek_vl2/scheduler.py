@@ -32,12 +32,19 @@ class CapacityError(RuntimeError):
 
 
 class RequestHandle:
-    """One submitted request: iterate it (sync or async) for text pieces; ``cancel()`` to stop it."""
+    """One submitted request: iterate it (sync or async) for text pieces; ``cancel()`` to stop it.
+
+    Sync iteration blocks on a thread-safe queue. Async iteration switches delivery to an
+    ``asyncio.Queue`` fed with ``call_soon_threadsafe``, so no executor thread waits per request.
+    """
 
     def __init__(self, seq: Sequence) -> None:
         self.seq = seq
         self.cancelled = threading.Event()
         self._events: "queue.Queue[object]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._async_events: Optional[asyncio.Queue] = None
 
     @property
     def stats(self):
@@ -48,25 +55,32 @@ class RequestHandle:
         self.cancelled.set()
 
     def _put(self, item: object) -> None:
-        self._events.put(item)
+        with self._lock:
+            if self._loop is None:
+                self._events.put(item)
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._async_events.put_nowait, item)
+            except RuntimeError:  # the consumer's event loop is gone: nobody is listening
+                self.cancel()
+
+    @staticmethod
+    def _unwrap(item: object) -> object:
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def __iter__(self) -> Iterator[str]:
-        while True:
-            item = self._events.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
+        while (item := self._unwrap(self._events.get())) is not _DONE:
             yield item  # type: ignore[misc]
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        while True:
-            item = await loop.run_in_executor(None, self._events.get)
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._async_events = asyncio.Queue()
+            while not self._events.empty():
+                self._async_events.put_nowait(self._events.get_nowait())
+        while (item := self._unwrap(await self._async_events.get())) is not _DONE:
             yield item  # type: ignore[misc]
 
 

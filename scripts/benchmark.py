@@ -86,7 +86,8 @@ def parse_levels(text: str) -> list[int]:
     try:
         levels = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"concurrency must be a comma-separated list of ints, got {text!r}") from None
+        message = f"concurrency must be a comma-separated list of ints, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
     if not levels or min(levels) < 1:
         raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
     return levels
@@ -386,8 +387,8 @@ def target_rows(generator: Generator, variant: str, decode_tokens_per_second: fl
     ):
         inputs, prepare_s = prepare_timed(generator, prompt, [image])
         run = run_exact(generator, inputs, new_tokens)
-        rows.append({"row": f"{variant}, {label}, {run.prompt_tokens} prompt tokens, {new_tokens} new tokens, end to end",
-                     "value": prepare_s + run.total_seconds, "unit": "s"})
+        row = f"{variant}, {label}, {run.prompt_tokens} prompt tokens, {new_tokens} new tokens, end to end"
+        rows.append({"row": row, "value": prepare_s + run.total_seconds, "unit": "s"})
 
     rows.append({"row": "setup from local disk: Generator.load ÷ plain read of the weight files",
                  "value": setup.load_over_read, "unit": "x"})
@@ -397,14 +398,10 @@ def target_rows(generator: Generator, variant: str, decode_tokens_per_second: fl
     reset_peak_memory(device)
     run_exact(generator, inputs, 1)
     label = "CUDA max allocated" if device.type == "cuda" else "process peak RSS"
-    rows.append({"row": f"peak memory at a {run_exact_context(inputs)}-token context ({label})",
+    filled = int(inputs.input_ids.numel()) + 1  # cache positions of a one-new-token run
+    rows.append({"row": f"peak memory at a {filled}-token context ({label})",
                  "value": peak_memory_bytes(device) / 2**30, "unit": "GiB"})
     return rows
-
-
-def run_exact_context(inputs: ProcessedInputs) -> int:
-    """Cache positions a one-new-token run over ``inputs`` fills."""
-    return int(inputs.input_ids.numel()) + 1
 
 
 # ----------------------------------------------------------------------------- report
@@ -471,7 +468,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--vision-layers", type=int, help="shorten the vision tower to N blocks")
     parser.add_argument("--checkpoint", type=Path, help="benchmark this checkpoint folder instead of random weights")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--scratch", type=Path, help="folder for the temporary random checkpoint (default: system temp)")
+    parser.add_argument("--scratch", type=Path,
+                        help="folder for the temporary random checkpoint (default: the system temp folder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--image", type=parse_image_size, default=(768, 384), metavar="WxH",
@@ -520,7 +518,8 @@ def add_request_figures(report: Report, generator: Generator, args: argparse.Nam
     report.add("prefill_seconds", "prefill (embedding + language model)", run.prefill_seconds, "ms", 1e3)
     report.add("prefill_tokens_per_second", "prefill speed", run.prefill_tokens_per_second, "tokens/s")
     report.add("decode_tokens_per_second", "decode speed", run.decode_tokens_per_second, "tokens/s")
-    report.add("decode_seconds_per_token", "decode time per token", run.decode_seconds / (run.new_tokens - 1), "ms", 1e3)
+    per_token = run.decode_seconds / (run.new_tokens - 1)
+    report.add("decode_seconds_per_token", "decode time per token", per_token, "ms", 1e3)
     report.add("total_seconds", f"request total ({run.new_tokens} tokens)", run.total_seconds, "s")
     memory_label = "peak memory (CUDA max allocated)" if device.type == "cuda" else "peak memory (process RSS)"
     report.add("peak_memory_bytes", memory_label, peak, "GiB", 2**-30)
@@ -539,7 +538,8 @@ def add_bandwidth_figures(report: Report, generator: Generator, run: RequestTime
     report.add("activated_weight_bytes", "activated weights per token", activated, "MB", 1e-6)
     report.add("kv_read_bytes", "KV cache read per token at the mean context",
                kv_cache_bytes_per_position(config, element_size) * mean_context, "MB", 1e-6)
-    report.add("effective_weight_bandwidth_gbs", "activated weights ÷ time per token", activated / per_token / 1e9, "GB/s")
+    report.add("effective_weight_bandwidth_gbs", "activated weights ÷ time per token",
+               activated / per_token / 1e9, "GB/s")
     report.add("peak_bandwidth_gbs", "assumed peak memory bandwidth", peak_gbs if on_gpu else None,
                "GB/s (--peak-bandwidth-gbs)" if on_gpu else "(GPU only)")
     report.add("bandwidth_fraction", "fraction of the bandwidth bound",

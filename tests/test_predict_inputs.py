@@ -8,6 +8,7 @@ contacted (download failures are provoked against a closed local port).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import uuid
@@ -119,6 +120,13 @@ def test_direct_call_defaults_come_from_the_input_declarations(image_file: Path)
     assert (request.seed, request.stop, request.system_prompt) == (None, (), "")
 
 
+def first_piece(stream: Any) -> Any:
+    """The first item of predict()'s output, async (the server's path) or sync."""
+    if hasattr(stream, "__anext__"):
+        return asyncio.run(stream.__anext__())
+    return next(iter(stream))
+
+
 @pytest.mark.parametrize(
     "changes", [{"top_p": 0.0}, {"max_length_tokens": 0}, {"prompt": " "}, {"image": None}]
 )
@@ -127,19 +135,19 @@ def test_predict_checks_before_touching_the_model(image_file: Path, changes: dic
     predictor = predict.Predictor()
     assert not hasattr(predictor, "engine")
     with pytest.raises(ValueError):
-        next(iter(predictor.predict(**valid_args(image_file, **changes))))
+        first_piece(predictor.predict(**valid_args(image_file, **changes)))
 
 
 def test_predict_reaches_the_model_only_with_valid_input(image_file: Path) -> None:
     with pytest.raises(AttributeError, match="engine"):
-        next(iter(predict.Predictor().predict(**valid_args(image_file))))
+        first_piece(predict.Predictor().predict(**valid_args(image_file)))
 
 
 def test_unreadable_image_fails_with_the_input_name(tmp_path: Path, image_file: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not a picture")
     with pytest.raises(ValueError, match="image_2"):
-        next(iter(predict.Predictor().predict(**valid_args(image_file, image_2=broken))))
+        first_piece(predict.Predictor().predict(**valid_args(image_file, image_2=broken)))
 
 
 # ------------------------------------------------------------------------- OpenAPI schema
@@ -225,7 +233,7 @@ def static_input_values(source: str) -> dict[str, dict[str, Any]]:
 
     predictor = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
     method = next(
-        n for n in predictor.body if isinstance(n, ast.FunctionDef) and n.name == "predict"
+        n for n in predictor.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "predict"
     )
     args = method.args.args[len(method.args.args) - len(method.args.defaults):]
     values = {}
@@ -374,7 +382,9 @@ def test_cog_yaml_settings() -> None:
     assert build["sdk_version"] == version("cog")
     module, _, class_name = config["predict"].partition(":")
     assert (REPO_ROOT / module).is_file() and hasattr(predict, class_name)
-    assert "concurrency" not in config  # predict() is synchronous
+    # predict() is async and declares the same concurrency as cog.yaml (cog build reads either).
+    assert inspect.isasyncgenfunction(predict.Predictor.predict)
+    assert config["concurrency"]["max"] == predict.Predictor.predict.__cog_concurrent_max__
     # The CUDA the torch wheel was built for (None on a CPU-only build of torch).
     import torch
 
