@@ -7,9 +7,12 @@ User-facing description: docs/cog.md.
 """
 
 import asyncio
+import gc
 import math
 import os
+import re
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path as LocalPath
 from typing import Any, Optional
@@ -49,6 +52,8 @@ REPETITION_PENALTY_RANGE = (1.0, 2.0)  # below 1 would reward repetition
 MAX_LENGTH_TOKENS_RANGE = (1, 4096)  # the model's context is 4096 tokens, prompt included
 SEED_RANGE = (0, 2**32 - 1)
 MAX_STOP_SEQUENCES = 16
+# A resource guard only: 4096 tokens of any text are far fewer characters than this.
+MAX_TEXT_CHARS = 100_000
 
 # Input descriptions. `cog build` reads predict() statically (tree-sitter), so every Input()
 # argument must be a plain literal, or a module-level name bound to one: numbers for ge/le (the
@@ -108,12 +113,35 @@ def _check_number(name: str, value: Any, bounds: tuple[float, float], integer: b
     return int(value) if integer else float(value)
 
 
+# C0 control characters other than tab and newline, DEL, and C1 controls: invisible, never
+# meaningful in a question, and a common residue of copy-paste. Carriage returns are newlines.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """User text as the model gets it: CRLF and CR become LF; other C0 controls (except tab
+    and LF), DEL and C1 controls are removed; lone UTF-16 surrogates become U+FFFD.
+
+    Everything else is kept as typed: any script (CJK, right-to-left, ...), emoji with their
+    zero-width joiners, and special-token strings (the processor decides what they mean).
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL_CHARACTERS.sub("", text)
+    return _LONE_SURROGATES.sub("\ufffd", text)
+
+
 def _check_text(name: str, value: Any, optional: bool) -> str:
     if value is None and optional:
         return ""
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {type(value).__name__}")
-    return value
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(
+            f"{name} is {len(value)} characters long; at most {MAX_TEXT_CHARS} are accepted "
+            f"(the model's context holds {MAX_LENGTH_TOKENS_RANGE[1]} tokens in all)"
+        )
+    return clean_text(value)
 
 
 def parse_stop_sequences(text: str) -> tuple[str, ...]:
@@ -264,6 +292,80 @@ def check_gpu_memory(n_params: int, free_bytes: int, name: str) -> None:
         f"{name} ({n_params / 1e9:.1f}B parameters) needs about {needed / GB:.0f} GB of GPU "
         f"memory but only {free_bytes / GB:.1f} GB is free. {advice}"
     )
+
+
+# -------------------------------------------------------------------------------- failures
+
+GPU_OUT_OF_MEMORY_MESSAGE = (
+    "the GPU ran out of memory during this prediction. Try fewer or smaller images, a shorter "
+    "prompt or a smaller max_length_tokens, or retry when the server is less busy"
+)
+HOST_OUT_OF_MEMORY_MESSAGE = (
+    "the server ran out of memory (RAM) during this prediction. Try fewer or smaller images, "
+    "a shorter prompt or a smaller max_length_tokens"
+)
+_HOST_OOM_TEXT = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    current: Optional[BaseException] = error
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def out_of_memory_kind(error: BaseException) -> Optional[str]:
+    """"gpu" or "host" when `error` (or what caused it) is an allocation failure, else None."""
+    for cause in _causes(error):
+        if isinstance(cause, torch.OutOfMemoryError) or (
+            isinstance(cause, RuntimeError) and "CUDA out of memory" in str(cause)
+        ):
+            return "gpu"
+        if isinstance(cause, MemoryError) or (
+            isinstance(cause, RuntimeError) and any(t in str(cause) for t in _HOST_OOM_TEXT)
+        ):
+            return "host"
+    return None
+
+
+def free_memory(error: Optional[BaseException] = None) -> None:
+    """Release what a failed prediction held: the tensors its traceback frames still reference,
+    Python garbage, and (on CUDA) the allocator's cached blocks."""
+    for cause in _causes(error) if error is not None else []:
+        if cause.__traceback__ is not None:
+            traceback.clear_frames(cause.__traceback__)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def user_facing_error(error: Exception) -> Exception:
+    """The exception a prediction should fail with in place of `error`; the message is for the user.
+
+    Input problems (ValueError: unreadable images, a prompt that does not fit, bad numbers) are
+    returned unchanged. An out-of-memory error frees memory (:func:`free_memory`) and becomes a
+    RuntimeError saying what to change; an error without a message gets its type named. The
+    original is kept as ``__cause__`` (in the server log's traceback). Use it in predict() as
+    ``except Exception as error: raise user_facing_error(error)``.
+    """
+    if isinstance(error, ValueError):
+        return error
+    kind = out_of_memory_kind(error)
+    if kind is not None:
+        free_memory(error)
+        friendly = RuntimeError(GPU_OUT_OF_MEMORY_MESSAGE if kind == "gpu" else HOST_OUT_OF_MEMORY_MESSAGE)
+    elif not str(error).strip():
+        friendly = RuntimeError(
+            f"internal error ({type(error).__name__}) while generating; the server keeps "
+            "serving: retry, and report it if it happens again"
+        )
+    else:
+        return error
+    friendly.__cause__ = error
+    return friendly
 
 
 # ------------------------------------------------------------------------------- predictor

@@ -73,3 +73,17 @@ def format_conversation(conversation: Sequence[Mapping[str, str]], system_prompt
 def format_user_turn(text: str) -> str:
     """The text tokenized for one user turn: the user message followed by the open assistant role."""
     return render_turns([(USER_ROLE, text.strip()), (ASSISTANT_ROLE, "")])
+
+
+def user_turn_segments(text: str) -> list[tuple[str, bool]]:
+    """:func:`format_user_turn` cut into ``(piece, from_user)`` pieces, in order.
+
+    The stripped user text is the one piece with ``from_user`` true; the template around it (role
+    tokens, ": ", the separator) makes up the others. Joined, the pieces equal
+    ``format_user_turn(text)``. The processor uses this to treat special-token strings inside the
+    user's text differently from the template's own role tokens.
+    """
+    text = text.strip()
+    if not text:
+        return [(f"{USER_ROLE}:", False), (f"{ASSISTANT_ROLE}:", False)]
+    return [(f"{USER_ROLE}: ", False), (text, True), (f"{USER_SEPARATOR}{ASSISTANT_ROLE}:", False)]

@@ -120,9 +120,19 @@ class Generator:
 
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, prompt: str, images: Seq[Image.Image], system_prompt: str = "") -> ProcessedInputs:
-        """Process a single-turn prompt (``<image>`` tags optional) and its images."""
+        """Process a single-turn prompt (``<image>`` tags optional) and its images.
+
+        Role markers and bos/eos/pad strings in the prompt are plain text; ``<image>`` and the
+        grounding tags are structure (docs/robustness.md). Raises ContextLengthError, with the
+        token counts, when the prompt leaves no room for an answer.
+        """
         conversation = build_conversation(prompt, len(images), self.processor.image_token)
-        return self.processor.process(conversation, list(images), system_prompt, system_prompt_in_tokens=True)
+        inputs = self.processor.process(conversation, list(images), system_prompt, system_prompt_in_tokens=True,
+                                        user_text_specials="structural")
+        overflow = self.processor.context_overflow(inputs, self.context_length)
+        if overflow:
+            raise ContextLengthError(overflow)
+        return inputs
 
     def budget(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """New tokens that fit after the prompt; raises ContextLengthError when the prompt alone does not fit."""

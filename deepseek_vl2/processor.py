@@ -9,12 +9,18 @@ docs/processor.md for the user-facing description):
   between consecutive ``<image>`` tags at a time, and every tag is replaced by that image's tokens.
 * images: a 384×384 global view plus a grid of 384×384 local tiles (letter-boxed with
   ``ImageOps.pad``, fill = mean colour), normalised as ``(x/255 - mean)/std`` in float32.
+* special-token strings typed by the caller: with ``user_text_specials="all"`` (the default,
+  what the official processor does) every special-token string in the text becomes its special
+  id. With ``"structural"`` (what the Cog predictor uses) only ``<image>`` and the grounding
+  tags do; role markers, bos/eos/pad and any other special-token string are tokenized as plain
+  text, so a user cannot forge turns or end the prompt (see docs/robustness.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .chat_template import (
@@ -32,6 +39,7 @@ from .chat_template import (
     format_conversation,
     format_user_turn,
     normalize_role,
+    user_turn_segments,
 )
 from .config import ConfigError
 
@@ -39,6 +47,13 @@ PROCESSOR_CONFIG_FILE = "processor_config.json"
 GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 CHAT_ROLE_TOKENS = (USER_ROLE, ASSISTANT_ROLE)
 SUPPORTED_SFT_FORMATS = ("deepseek",)
+USER_TEXT_SPECIALS = ("all", "structural")
+"""How special-token strings in caller text are tokenized: every one as its id ("all", the
+official behaviour) or only `<image>` and the grounding tags ("structural")."""
+
+# One item of a tokenization plan: ("text", s) is encoded, ("special", token) is that token's id,
+# ("image", tag) is the next image's tokens.
+PlanItem = tuple[str, str]
 
 
 @dataclass
@@ -199,6 +214,16 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
+def split_on_tokens(text: str, tokens: Sequence[str]) -> list[tuple[str, bool]]:
+    """Cut `text` at every occurrence of `tokens`: ``(piece, is_token)`` pairs, empty pieces
+    dropped. Overlapping matches resolve leftmost-longest, like the tokenizer's own splitting."""
+    if not tokens:
+        return [(text, False)] if text else []
+    pattern = "|".join(re.escape(t) for t in sorted(set(tokens), key=len, reverse=True))
+    parts = re.split(f"({pattern})", text)
+    return [(part, index % 2 == 1) for index, part in enumerate(parts) if part]
+
+
 def build_conversation(
     prompt: str, num_images: int, image_token: str = "<image>"
 ) -> list[dict[str, str]]:
@@ -266,6 +291,35 @@ class DeepseekVL2Processor:
         """Token ids of `text` without automatic special tokens (special-token strings still map)."""
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
+    def encode_plain_text(self, text: str) -> list[int]:
+        """Token ids of `text` with every special-token string tokenized as ordinary text.
+
+        ``"<|User|>"`` becomes the pieces of its characters, never id of the role token. Text
+        without special-token strings gets exactly the ids of :meth:`encode_text`.
+        """
+        return self._plain_tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    @property
+    def _plain_tokenizer(self) -> Tokenizer:
+        """A private copy of the fast tokenizer's backend that never matches special tokens.
+
+        A copy, not the shared tokenizer's ``split_special_tokens`` switch: that switch is state
+        on the shared backend, and concurrent encodes from several threads would race on it.
+        """
+        plain = self.__dict__.get("_plain_backend")
+        if plain is None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                raise ValueError(
+                    "user_text_specials='structural' needs a fast tokenizer (tokenizer.json)"
+                )
+            plain = Tokenizer.from_str(backend.to_str())
+            plain.no_padding()
+            plain.no_truncation()
+            plain.encode_special_tokens = True
+            self.__dict__["_plain_backend"] = plain
+        return plain
+
     # ----------------------------------------------------------------- image geometry
 
     @property
@@ -323,6 +377,7 @@ class DeepseekVL2Processor:
         system_prompt: str = "",
         *,
         system_prompt_in_tokens: bool = False,
+        user_text_specials: str = "all",
     ) -> ProcessedInputs:
         """Turn a conversation and its images (in `<image>` tag order) into model inputs.
 
@@ -336,9 +391,21 @@ class DeepseekVL2Processor:
         "\\n\\n" is tokenized right after bos, which is where the chat template puts it, so the
         model actually sees it.
 
+        Special-token strings in the messages and the system prompt: with
+        ``user_text_specials="all"`` (the official behaviour) each becomes its special id. With
+        ``"structural"`` only `<image>` and the grounding tags (``<|ref|>``, ``<|/ref|>``,
+        ``<|det|>``, ``<|/det|>``, ``<|grounding|>``) do; everything else, e.g. a typed
+        ``<|Assistant|>`` or ``<｜end▁of▁sentence｜>``, is tokenized as plain text. Text without
+        such strings gets the same ids either way.
+
         Raises ValueError when the number of `<image>` tags in the user turns differs from the
         number of images, or when the conversation is malformed.
         """
+        if user_text_specials not in USER_TEXT_SPECIALS:
+            raise ValueError(
+                f"user_text_specials must be one of {USER_TEXT_SPECIALS}, got {user_text_specials!r}"
+            )
+        structural = user_text_specials == "structural"
         images = list(images or [])
         turns = self._validated_turns(conversation)
         self._check_image_count(turns, images)
@@ -349,11 +416,31 @@ class DeepseekVL2Processor:
         tiles: list[torch.Tensor] = []
         crops: list[tuple[int, int]] = []
         token_counts: list[int] = []
+        next_image = 0
+        encode = self.encode_plain_text if structural else self.encode_text
 
-        def add_text(text: str) -> None:
-            piece = self.encode_text(text)
-            ids.extend(piece)
-            mask.extend([False] * len(piece))
+        def add_image() -> None:
+            nonlocal next_image
+            image = images[next_image]
+            next_image += 1
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            crop = self.crop_for_image(image.width, image.height, cropping_images)
+            tiles.append(self.image_tiles(image, crop))
+            crops.append(crop)
+            count = self.num_image_tokens_for_crop(*crop)
+            token_counts.append(count)
+            ids.extend([self.image_token_id] * count)
+            mask.extend([True] * count)
+
+        def add(plan: list[PlanItem]) -> None:
+            for kind, value in plan:
+                if kind == "image":
+                    add_image()
+                    continue
+                piece = encode(value) if kind == "text" else [self._special_id(value)]
+                ids.extend(piece)
+                mask.extend([False] * len(piece))
 
         if system_prompt_in_tokens and system_prompt.strip():
             if self.image_token in system_prompt:
@@ -361,31 +448,15 @@ class DeepseekVL2Processor:
                     f"the system prompt contains {self.image_token}; images can only be "
                     "referenced from user messages"
                 )
-            add_text(system_prompt.strip() + SYSTEM_SEPARATOR)
+            add(self._caller_text_plan(system_prompt.strip() + SYSTEM_SEPARATOR, structural))
 
-        next_image = 0
         for role, text in turns:
             if role == ASSISTANT_ROLE:
-                add_text(text)
+                add(self._caller_text_plan(text, structural))
                 ids.append(self.eos_id)
                 mask.append(False)
-                continue
-            pieces = format_user_turn(text).split(self.image_token)
-            for piece_index, piece in enumerate(pieces):
-                add_text(piece)
-                if piece_index == len(pieces) - 1:
-                    break
-                image = images[next_image]
-                next_image += 1
-                if image.mode != "RGB":
-                    image = image.convert("RGB")
-                crop = self.crop_for_image(image.width, image.height, cropping_images)
-                tiles.append(self.image_tiles(image, crop))
-                crops.append(crop)
-                count = self.num_image_tokens_for_crop(*crop)
-                token_counts.append(count)
-                ids.extend([self.image_token_id] * count)
-                mask.extend([True] * count)
+            else:
+                add(self._user_turn_plan(text, structural))
 
         # inference mode: drop the eos that closes the final assistant turn
         ids, mask = ids[:-1], mask[:-1]
@@ -406,6 +477,92 @@ class DeepseekVL2Processor:
             images_seq_mask=torch.tensor(mask, dtype=torch.bool),
             images_spatial_crop=spatial_crop,
             num_image_tokens=token_counts,
+        )
+
+    # ----------------------------------------------------------------- tokenization plans
+
+    def _special_id(self, token: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+    def _user_turn_plan(self, text: str, structural: bool) -> list[PlanItem]:
+        """One user turn (template included) as text / special / image items, in order.
+
+        Not structural: the template text cut at `<image>` only; the tokenizer maps every other
+        special-token string itself (the official behaviour). Structural: the template's role
+        tokens and the user's `<image>` and grounding tags are items of their own, and the text
+        between them (user text and template text together, as the tokenizer would see it)
+        is encoded with special-token matching off.
+        """
+        if not structural:
+            plan: list[PlanItem] = []
+            for index, piece in enumerate(format_user_turn(text).split(self.image_token)):
+                if index:
+                    plan.append(("image", self.image_token))
+                plan.append(("text", piece))
+            return plan
+        pieces = []
+        for segment, from_user in user_turn_segments(text):
+            markers = (self.image_token, *GROUNDING_TOKENS) if from_user else CHAT_ROLE_TOKENS
+            pieces.extend(split_on_tokens(segment, markers))
+        return self._merge_text(pieces)
+
+    def _caller_text_plan(self, text: str, structural: bool) -> list[PlanItem]:
+        """An assistant reply or system prompt: one text item, or (structural) text items
+        between grounding tags."""
+        if not structural:
+            return [("text", text)]
+        return self._merge_text(split_on_tokens(text, GROUNDING_TOKENS))
+
+    def _merge_text(self, pieces: list[tuple[str, bool]]) -> list[PlanItem]:
+        """Join neighbouring text pieces (the tokenizer only splits text at special tokens)."""
+        plan: list[PlanItem] = []
+        for piece, is_token in pieces:
+            if is_token:
+                plan.append(("image" if piece == self.image_token else "special", piece))
+            elif plan and plan[-1][0] == "text":
+                plan[-1] = ("text", plan[-1][1] + piece)
+            else:
+                plan.append(("text", piece))
+        return plan
+
+    # ----------------------------------------------------------------- context length
+
+    def image_token_range(self, num_images: int) -> tuple[int, int]:
+        """Fewest and most tokens one image can take in a conversation of `num_images` images."""
+        fewest = self.num_image_tokens_for_crop(1, 1)
+        if num_images > 2:
+            return fewest, fewest
+        size = self.image_size
+        most = max(
+            self.num_image_tokens_for_crop(w // size, h // size)
+            for w, h in self.settings.candidate_resolutions
+        )
+        return fewest, most
+
+    def context_overflow(self, inputs: ProcessedInputs, context_length: int) -> str | None:
+        """None when `inputs` leave room for at least one new token in `context_length`
+        tokens; otherwise a message for the user with the numbers and what to change."""
+        needed = int(inputs.input_ids.numel())
+        if needed < context_length:
+            return None
+        image_tokens = list(inputs.num_image_tokens)
+        text_tokens = needed - sum(image_tokens)
+        parts = []
+        if image_tokens:
+            count = len(image_tokens)
+            parts.append(
+                f"{count} image{'s' if count > 1 else ''}: "
+                f"{' + '.join(str(n) for n in image_tokens)} tokens"
+            )
+        parts.append(f"text: {text_tokens} tokens")
+        one_tile, most = self.image_token_range(1)
+        size = self.image_size
+        return (
+            f"the prompt needs {needed} tokens ({'; '.join(parts)}) but the model's context "
+            f"holds {context_length}, leaving no room for an answer. With 1 or 2 images each "
+            f"image takes {one_tile} to {most} tokens depending on its size and shape "
+            f"({one_tile} when it is at most {size}x{size} pixels); with 3 or more images each "
+            f"takes {one_tile}. Use fewer or smaller images, or a shorter prompt."
         )
 
     def _validated_turns(self, conversation: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:

@@ -111,6 +111,7 @@ class BatchScheduler:
             raise ValueError(f"the prompt needs {inputs.input_ids.numel()} tokens; this server holds {self.max_len} per request")
         seq = self.generator.new_sequence(inputs, params, slot=-1)
         seq.max_new_tokens = min(seq.max_new_tokens, self.max_len - seq.stats.prompt_tokens)
+        seq.stats.max_new_tokens = seq.max_new_tokens
         handle = RequestHandle(seq)
         with self._wake:
             if len(self._waiting) >= self.max_waiting:

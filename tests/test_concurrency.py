@@ -1,0 +1,141 @@
+"""Concurrent predictions through Cog's real HTTP server: batched, isolated, and bounded.
+
+The server runs predict.py (async) with COG_MAX_CONCURRENCY=3 on a small random checkpoint, so
+up to three predictions share the scheduler's batched decode step; a fourth gets HTTP 409.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cog_server import cog_server, data_uri
+from scripts.make_test_checkpoint import make_checkpoint
+
+SLOTS = 3
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("images")
+    uris = []
+    for k, size in enumerate([(320, 200), (200, 480), (256, 256)]):
+        path = folder / f"image{k}.png"
+        Image.new("RGB", size, (40 * k, 200 - 50 * k, 90)).save(path)
+        uris.append(data_uri(path))
+    return uris
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt"), variant="small", seed=5, eos_boost=0.0)
+    with cog_server("predict.py:Predictor", weights=checkpoint, env={"COG_MAX_CONCURRENCY": str(SLOTS)}) as running:
+        yield running
+
+
+def _requests(images: list[str]) -> list[dict]:
+    return [
+        {"image": images[0], "prompt": "Describe this picture.", "temperature": 0, "max_length_tokens": 12},
+        {"image": images[1], "prompt": "What colour dominates?", "temperature": 0.8, "seed": 7, "max_length_tokens": 10},
+        {"image": images[2], "image_2": images[0], "prompt": "Compare <image> with <image>.",
+         "temperature": 0.5, "top_k": 20, "seed": 3, "max_length_tokens": 8},
+    ]
+
+
+def _wait_for_log(server, *needles: str, timeout: float = 60) -> None:
+    """Wait until one line of the server log holds every needle (a prediction has started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(all(n in line for n in needles) for line in server.log().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never saw {needles} in the server log")
+
+
+def _text(body: dict) -> str:
+    assert body["status"] == "succeeded", body
+    return "".join(body["output"])
+
+
+def test_simultaneous_predictions_equal_their_sequential_results(server, images) -> None:
+    requests_ = _requests(images)
+    sequential = [_text(server.predict(r)[1]) for r in requests_]
+    with ThreadPoolExecutor(max_workers=SLOTS) as pool:
+        results = list(pool.map(server.predict, requests_))
+    assert [status for status, _ in results] == [200] * SLOTS
+    assert [_text(body) for _, body in results] == sequential
+    assert all(body["metrics"]["output_token_count"] >= 1 for _, body in results)
+
+
+def test_simultaneous_streams_each_deliver_their_own_events(server, images) -> None:
+    requests_ = _requests(images)
+    sequential = [_text(server.predict(r)[1]) for r in requests_]
+    with ThreadPoolExecutor(max_workers=SLOTS) as pool:
+        streams = list(pool.map(server.predict_stream, requests_))
+    for (status, events), expected in zip(streams, sequential):
+        assert status == 200
+        outputs = [e.data["chunk"] for e in events if e.event == "output"]
+        assert len(outputs) > 1 and "".join(outputs) == expected
+        assert events[-1].data["status"] == "succeeded"
+
+
+def test_cancelling_one_leaves_the_others_untouched(server, images) -> None:
+    requests_ = _requests(images)
+    sequential = [_text(server.predict(r)[1]) for r in requests_[:2]]
+    victim = f"victim-{uuid.uuid4().hex[:8]}"
+    long_request = {"image": images[2], "prompt": "Write a very long essay.", "temperature": 1.0,
+                    "seed": 1, "max_length_tokens": 2000}
+    doomed = server.predict_in_background(long_request, prediction_id=victim)
+    _wait_for_log(server, f'"prediction_id":"{victim}"', "prompt tokens")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        others = [pool.submit(server.predict, r) for r in requests_[:2]]
+        time.sleep(0.2)
+        assert server.cancel(victim) == 200
+        results = [f.result(timeout=300) for f in others]
+    status, body = doomed.result(timeout=120)
+    assert body["status"] == "canceled", body
+    assert [_text(b) for _, b in results] == sequential
+
+
+def test_a_failing_request_fails_alone(server, images, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    requests_ = _requests(images)
+    expected = _text(server.predict(requests_[0])[1])
+    bad = {"image": data_uri(broken), "prompt": "What is this?"}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        good_future, bad_future = pool.submit(server.predict, requests_[0]), pool.submit(server.predict, bad)
+        good, failed = good_future.result(timeout=300), bad_future.result(timeout=300)
+    assert _text(good[1]) == expected
+    assert failed[1]["status"] == "failed" and "could not be read as an image" in failed[1]["error"]
+
+
+def test_request_beyond_capacity_gets_409(server, images) -> None:
+    # Greedy answers of this checkpoint run to max_length_tokens (no eos): deterministic and long.
+    long_requests = [{"image": images[k], "prompt": f"Go on and on {k}.", "temperature": 0, "max_length_tokens": 2000}
+                     for k in range(SLOTS)]
+    ids = [f"busy-{k}-{uuid.uuid4().hex[:6]}" for k in range(SLOTS)]
+    futures = [server.predict_in_background(r, prediction_id=i) for r, i in zip(long_requests, ids)]
+    for i in ids:
+        _wait_for_log(server, f'"prediction_id":"{i}"', "prompt tokens")
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline:
+            status, body = server.predict(_requests(images)[0])
+            if status == 409:
+                break
+            time.sleep(0.1)
+        assert status == 409, "a request beyond COG_MAX_CONCURRENCY must be refused with 409"
+    finally:
+        for i in ids:
+            server.cancel(i)
+        for f in futures:
+            _, body = f.result(timeout=120)
+            assert body["status"] == "canceled", "the long requests must still be running when cancelled"
+    status, body = server.predict(_requests(images)[0])
+    assert status == 200 and body["status"] == "succeeded"
