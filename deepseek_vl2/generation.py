@@ -31,6 +31,7 @@ from .streaming import TextStreamer
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 512
+KV_LEN_BUCKET = 256
 
 
 class ContextLengthError(ValueError):
@@ -87,6 +88,7 @@ class Generator:
         self.model = model
         self.processor = processor
         self.prefill_chunk = prefill_chunk
+        self.kv_bucket = KV_LEN_BUCKET
         self.last_stats = GenerationStats()
         self.last_tokens: list[int] = []
         tokenizer = processor.tokenizer
@@ -196,7 +198,10 @@ class Generator:
         tokens = torch.tensor([[s.last_token] for s in seqs], device=device)
         positions = torch.tensor([[s.length] for s in seqs], device=device)
         slots = torch.tensor([s.slot for s in seqs], device=device)
-        kv_len = max(s.length for s in seqs) + 1
+        # Round the attended length up to a bucket (masked beyond each request's own position), so
+        # consecutive steps share tensor shapes: what torch.compile / CUDA-graph capture need.
+        needed = max(s.length for s in seqs) + 1
+        kv_len = min(cache.max_len, -(-needed // self.kv_bucket) * self.kv_bucket)
         logits = self.model.forward_tokens(tokens, positions, cache, slots, kv_len)[:, -1]
         for s in seqs:
             s.length += 1

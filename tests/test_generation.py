@@ -145,3 +145,15 @@ def test_scheduler_cancel_frees_slot_and_failure_is_isolated(generator: Generato
         assert scheduler.active == 0 and sorted(scheduler._free_slots) == [0, 1]
     finally:
         scheduler.close()
+
+
+def test_kv_length_bucketing_does_not_change_results(generator: Generator) -> None:
+    inputs = generator.prepare("Bucket test <image>", [_image(300, 200)])
+    params = SamplingParams(temperature=0.9, max_new_tokens=10, seed=4)
+    bucketed = generator.generate_ids(inputs, params)
+    generator.kv_bucket = 1
+    try:
+        exact = generator.generate_ids(inputs, params)
+    finally:
+        generator.kv_bucket = 256
+    assert bucketed == exact

@@ -1,0 +1,65 @@
+"""The decode step never reads a device value on the host.
+
+Every host synchronisation in PyTorch goes through an op that copies a value to Python
+(`aten._local_scalar_dense`: `.item()`, `int()`, `.tolist()`) or produces a data-dependent shape
+(`nonzero`, `masked_select`, boolean indexing, `unique`). A dispatch mode records every op the
+decode step runs; none of those may appear — on the CPU here, so that the same step makes no
+hidden sync on a GPU either.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from deepseek_vl2.generation import Generator
+from deepseek_vl2.sampling import SamplingParams, sample_next
+from scripts.make_test_checkpoint import make_checkpoint
+
+SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "bincount", "item")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every aten op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__ if hasattr(func, "__name__") else str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module", params=["tiny", "small", "base"])
+def generator(request, tmp_path_factory) -> Generator:
+    path = make_checkpoint(tmp_path_factory.mktemp(request.param), variant=request.param, seed=1)
+    return Generator.load(path, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 6])  # 6 × top-k exceeds the 8 experts: the dense expert path
+def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int) -> None:
+    cache = generator.model.new_cache(batch, 64)
+    params = [SamplingParams(temperature=0.7 if b % 2 else 0.0, top_k=5, seed=b) for b in range(batch)]
+    seqs = []
+    for b in range(batch):
+        seq = generator.new_sequence(generator.prepare(f"Hello number {b}", []), params[b], slot=b)
+        generator.prefill(seq, cache)
+        generator.sample([seq], seq.next_logits.unsqueeze(0))
+        seqs.append(seq)
+    seen = torch.cat([s.seen for s in seqs])
+    recorder = OpRecorder()
+    with recorder:
+        logits = generator.decode_logits(seqs, cache)
+        tokens = sample_next(logits, seen, params, [s.generator for s in seqs])
+    assert tokens.shape == (batch,)
+    assert len(recorder.ops) > 50, "the recorder must see the step's ops"
+    syncing = sorted({op for op in recorder.ops if any(name in op for name in SYNCING_OPS)})
+    assert not syncing, f"host-synchronising ops in the decode step: {syncing}"
+
+
+def test_recorder_catches_a_sync() -> None:
+    recorder = OpRecorder()
+    with recorder:
+        int(torch.tensor([3]).sum())
+    assert any("_local_scalar_dense" in op for op in recorder.ops)
