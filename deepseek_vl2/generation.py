@@ -26,7 +26,7 @@ from .kv_cache import KVCache
 from .model import DeepseekVL2
 from .processor import DeepseekVL2Processor, ProcessedInputs, build_conversation
 from .sampling import SamplingParams, make_generator, make_seen_mask, sample_next, update_seen
-from .streaming import TextStreamer
+from .streaming import TextStreamer, hidden_special_ids
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,7 @@ class Generator:
         self.kv_bucket = KV_LEN_BUCKET
         self.last_stats = GenerationStats()
         self.last_tokens: list[int] = []
-        tokenizer = processor.tokenizer
-        self.hidden_token_ids = set(tokenizer.all_special_ids) - set(self._visible_special_ids())
+        self.hidden_token_ids = hidden_special_ids(processor.tokenizer)  # grounding tags stay visible
 
     @classmethod
     def load(
@@ -102,11 +101,6 @@ class Generator:
         model = load_model(checkpoint_dir, device=device, dtype=dtype)
         processor = DeepseekVL2Processor.from_pretrained(checkpoint_dir)
         return cls(model, processor, prefill_chunk)
-
-    def _visible_special_ids(self) -> list[int]:
-        """Grounding tags are special tokens but part of the answer users read."""
-        vocab = self.processor.tokenizer.get_vocab()
-        return [vocab[t] for t in ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>") if t in vocab]
 
     @property
     def variant(self) -> str:
