@@ -294,7 +294,7 @@ class DeepseekVL2Processor:
     def encode_plain_text(self, text: str) -> list[int]:
         """Token ids of `text` with every special-token string tokenized as ordinary text.
 
-        ``"<|User|>"`` becomes the pieces of its characters, never id of the role token. Text
+        ``"<|User|>"`` becomes the pieces of its characters, never the role token's id. Text
         without special-token strings gets exactly the ids of :meth:`encode_text`.
         """
         return self._plain_tokenizer.encode(text, add_special_tokens=False).ids if text else []
@@ -303,8 +303,11 @@ class DeepseekVL2Processor:
     def _plain_tokenizer(self) -> Tokenizer:
         """A private copy of the fast tokenizer's backend that never matches special tokens.
 
-        A copy, not the shared tokenizer's ``split_special_tokens`` switch: that switch is state
-        on the shared backend, and concurrent encodes from several threads would race on it.
+        The copy drops every added token that is special, or is one of the tokens this
+        processor treats as special (image, grounding, roles) even where a tokenizer file lists
+        it as an ordinary added token; other added tokens stay. It is a copy, not the shared
+        tokenizer's ``split_special_tokens`` switch: that switch is state on the shared backend,
+        and concurrent encodes from several threads would race on it.
         """
         plain = self.__dict__.get("_plain_backend")
         if plain is None:
@@ -313,7 +316,14 @@ class DeepseekVL2Processor:
                 raise ValueError(
                     "user_text_specials='structural' needs a fast tokenizer (tokenizer.json)"
                 )
-            plain = Tokenizer.from_str(backend.to_str())
+            specials = {*self.tokenizer.all_special_tokens, self.image_token, *GROUNDING_TOKENS,
+                        *CHAT_ROLE_TOKENS}
+            data = json.loads(backend.to_str())
+            data["added_tokens"] = [
+                token for token in data.get("added_tokens", [])
+                if not token.get("special") and token.get("content") not in specials
+            ]
+            plain = Tokenizer.from_str(json.dumps(data))
             plain.no_padding()
             plain.no_truncation()
             plain.encode_special_tokens = True

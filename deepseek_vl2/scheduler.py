@@ -193,11 +193,11 @@ class BatchScheduler:
         try:
             logits = self.generator.decode_logits([h.seq for h in batch], self.cache)
             self._emit(batch, logits)
-        except Exception:  # noqa: BLE001 - retry one by one so only the failing request fails
+        except Exception as err:  # noqa: BLE001 - retry one by one so only the failing request fails
             log.exception("batched decode failed; retrying requests one at a time")
             if len(batch) == 1:
                 self._decoding.remove(batch[0])
-                self._release(batch[0], RuntimeError("generation failed"))
+                self._release(batch[0], err)
                 return
             for handle in batch:
                 try:
