@@ -304,7 +304,10 @@ HOST_OUT_OF_MEMORY_MESSAGE = (
     "the server ran out of memory (RAM) during this prediction. Try fewer or smaller images, "
     "a shorter prompt or a smaller max_length_tokens"
 )
-_HOST_OOM_TEXT = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+_HOST_OOM_TEXT = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+)
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -356,7 +359,8 @@ def user_facing_error(error: Exception) -> Exception:
     kind = out_of_memory_kind(error)
     if kind is not None:
         free_memory(error)
-        friendly = RuntimeError(GPU_OUT_OF_MEMORY_MESSAGE if kind == "gpu" else HOST_OUT_OF_MEMORY_MESSAGE)
+        message = GPU_OUT_OF_MEMORY_MESSAGE if kind == "gpu" else HOST_OUT_OF_MEMORY_MESSAGE
+        friendly = RuntimeError(message)
     elif not str(error).strip():
         friendly = RuntimeError(
             f"internal error ({type(error).__name__}) while generating; the server keeps "
