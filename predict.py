@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import cog
-from cog import AsyncConcatenateIterator, BasePredictor, FieldInfo, Input, Path
+from cog import AsyncConcatenateIterator, BasePredictor, ConcatenateIterator, FieldInfo, Input, Path
 from deepseek_vl2.checkpoint import default_device, default_dtype, weight_files
 from deepseek_vl2.config import load_config
 from deepseek_vl2.generation import Generator
@@ -385,16 +385,31 @@ def concurrency_slots() -> int:
         return 1
 
 
+def _checked_request(**arguments: Any) -> tuple[PredictRequest, SamplingParams]:
+    """validate_inputs() plus the sampling parameters (a drawn seed when none was given)."""
+    request = validate_inputs(**arguments)
+    params = SamplingParams(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        repetition_penalty=request.repetition_penalty,
+        max_new_tokens=request.max_new_tokens,
+        seed=resolve_seed(request.seed),
+        stop=request.stop,
+    ).validate()
+    return request, params
+
+
 class Predictor(BasePredictor):
     """DeepSeek-VL2 behind Cog: setup() loads the model once, predict() streams answers.
 
-    predict() is async: concurrent predictions (up to ``COG_MAX_CONCURRENCY``, which `cog build`
-    sets from ``concurrency.max`` in cog.yaml) share one batched decode step on the GPU through
-    :class:`deepseek_vl2.scheduler.BatchScheduler` instead of queueing behind each other.
+    One prediction at a time per container (the default in cog.yaml): the answer streams token
+    by token and a cancel stops generation at once. :class:`ConcurrentPredictor` serves several
+    predictions at once in one batched decode step instead.
     """
 
     def setup(self, weights: Optional[str] = None) -> None:
-        """Find or download the checkpoint, check GPU memory, load it, warm it up, start the scheduler."""
+        """Find or download the checkpoint, check GPU memory, load it and warm it up."""
         start = time.perf_counter()
         checkpoint = resolve_checkpoint(weights)
         device = default_device()
@@ -414,10 +429,6 @@ class Predictor(BasePredictor):
         )
         self._warm_up()
         print(f"warm-up took {time.perf_counter() - loaded:.1f} s", flush=True)
-        slots = concurrency_slots()
-        self.scheduler = BatchScheduler(self.engine, max_batch=slots)
-        print(f"serving up to {slots} prediction(s) at once in one batch "
-              f"({self.scheduler.cache.nbytes() / 2**20:.0f} MiB KV cache)", flush=True)
 
     def _warm_up(self) -> None:
         """One tiny generation, so the first real request does not pay for lazy GPU setup."""
@@ -427,8 +438,115 @@ class Predictor(BasePredictor):
             pass
 
     @cog.streaming
+    def predict(
+        self,
+        image: Path = Input(description="Image to ask about."),
+        prompt: str = Input(description=PROMPT_DESCRIPTION),
+        image_2: Optional[Path] = Input(default=None, description="Optional second image."),
+        image_3: Optional[Path] = Input(default=None, description=IMAGE_3_DESCRIPTION),
+        image_4: Optional[Path] = Input(default=None, description="Optional fourth image."),
+        system_prompt: Optional[str] = Input(
+            default=None, description="Optional text placed before the conversation."
+        ),
+        temperature: float = Input(
+            default=0.1, ge=0.0, le=2.0, description=TEMPERATURE_DESCRIPTION
+        ),
+        top_p: float = Input(default=0.9, ge=0.01, le=1.0, description=TOP_P_DESCRIPTION),
+        top_k: int = Input(default=0, ge=0, le=1000, description=TOP_K_DESCRIPTION),
+        repetition_penalty: float = Input(
+            default=1.1, ge=1.0, le=2.0, description=REPETITION_PENALTY_DESCRIPTION
+        ),
+        max_length_tokens: int = Input(
+            default=2048, ge=1, le=4096, description=MAX_LENGTH_TOKENS_DESCRIPTION
+        ),
+        stop_sequences: Optional[str] = Input(default=None, description=STOP_DESCRIPTION),
+        seed: Optional[int] = Input(
+            default=None, ge=0, le=4294967295, description=SEED_DESCRIPTION
+        ),
+    ) -> ConcatenateIterator[str]:
+        """Answer the prompt about the image(s), streaming the text as it is generated."""
+        started = time.perf_counter()
+        request, params = _checked_request(
+            image=image, prompt=prompt, image_2=image_2, image_3=image_3, image_4=image_4,
+            system_prompt=system_prompt, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, max_length_tokens=max_length_tokens,
+            stop_sequences=stop_sequences, seed=seed,
+        )  # fmt: skip
+        try:
+            images, prepared = self._prepare(request, params)
+            first_piece = True
+            for piece in self.engine.stream(prepared, params):
+                if first_piece:
+                    self._record_first_token(started)
+                    first_piece = False
+                yield piece
+            self._record_finish(self.engine.last_stats, started, first_piece)
+        except Exception as error:  # noqa: BLE001 - turned into a message for the user
+            raise user_facing_error(error)
+
+    def _prepare(self, request: PredictRequest, params: SamplingParams) -> tuple[list[Image.Image], Any]:
+        """Decode the images, build the model inputs and log what the model will see."""
+        images = [load_image(path, name=name) for name, path in request.images]
+        prepared = self.engine.prepare(request.prompt, images, request.system_prompt)
+        input_tokens = int(prepared.input_ids.numel())
+        self._log_request(images, prepared, input_tokens, params.seed)
+        self.record_metric("input_token_count", input_tokens)
+        budget = self.engine.budget(input_tokens, params.max_new_tokens)
+        if budget < params.max_new_tokens:
+            print(f"max_length_tokens lowered from {params.max_new_tokens} to {budget}: prompt and "
+                  f"answer must fit the {self.engine.context_length}-token context", flush=True)
+        return images, prepared
+
+    def _record_first_token(self, started: float) -> None:
+        # From the start of predict(): image decoding and prefill included.
+        self.record_metric("time_to_first_token", time.perf_counter() - started)
+
+    def _record_finish(self, stats: Any, started: float, nothing_emitted: bool) -> None:
+        if nothing_emitted:  # nothing visible was generated (e.g. eos straight away)
+            self._record_first_token(started)
+        self.record_metric("output_token_count", stats.new_tokens)
+        if stats.tokens_per_second > 0:  # needs two tokens or more
+            self.record_metric("tokens_per_second", stats.tokens_per_second)
+        print(f"generated {stats.new_tokens} tokens ({stats.finish_reason})", flush=True)
+
+    def _log_request(
+        self, images: list[Image.Image], prepared: Any, input_tokens: int, seed: int
+    ) -> None:
+        """Print what the model sees: variant, per-image size/tiles/tokens, prompt length, seed."""
+        crops = prepared.images_spatial_crop.tolist()  # [n_images, 2]: (tiles across, down)
+        print(f"variant: {self.engine.variant}", flush=True)
+        for index, (img, (across, down), n_tokens) in enumerate(
+            zip(images, crops, prepared.num_image_tokens), start=1
+        ):
+            print(
+                f"image {index}: {img.width}x{img.height} px, global view + {across}x{down} "
+                f"local tiles, {n_tokens} tokens",
+                flush=True,
+            )
+        print(f"prompt tokens: {input_tokens}, seed: {seed}", flush=True)
+
+
+class ConcurrentPredictor(Predictor):
+    """Serves up to 8 predictions at once, batched in one decode step on the GPU.
+
+    Cog runs concurrent predictions only for an async predict (``concurrency.max`` in cog.yaml,
+    ``COG_MAX_CONCURRENCY`` for the server). Requests feed one
+    :class:`deepseek_vl2.scheduler.BatchScheduler`; each streams its own text and can be
+    cancelled alone. Note: Cog 0.23.1's server (coglet) sends the output of an async predict in
+    one burst when it finishes, so with this predictor text arrives at the end, not token by token.
+    """
+
+    def setup(self, weights: Optional[str] = None) -> None:
+        """Load and warm up the model, then start the scheduler with one cache slot per prediction."""
+        super().setup(weights)
+        slots = concurrency_slots()
+        self.scheduler = BatchScheduler(self.engine, max_batch=slots)
+        print(f"serving up to {slots} prediction(s) at once in one batch "
+              f"({self.scheduler.cache.nbytes() / 2**20:.0f} MiB KV cache)", flush=True)
+
+    @cog.streaming
     @cog.concurrent(max=8)
-    async def predict(
+    async def predict(  # type: ignore[override]
         self,
         image: Path = Input(description="Image to ask about."),
         prompt: str = Input(description=PROMPT_DESCRIPTION),
@@ -454,70 +572,28 @@ class Predictor(BasePredictor):
             default=None, ge=0, le=4294967295, description=SEED_DESCRIPTION
         ),
     ) -> AsyncConcatenateIterator[str]:
-        """Answer the prompt about the image(s), streaming the text as it is generated."""
+        """Answer the prompt about the image(s); runs beside other predictions in one batch."""
         started = time.perf_counter()
-        request = validate_inputs(
+        request, params = _checked_request(
             image=image, prompt=prompt, image_2=image_2, image_3=image_3, image_4=image_4,
             system_prompt=system_prompt, temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty, max_length_tokens=max_length_tokens,
             stop_sequences=stop_sequences, seed=seed,
         )  # fmt: skip
-        params = SamplingParams(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            repetition_penalty=request.repetition_penalty,
-            max_new_tokens=request.max_new_tokens,
-            seed=resolve_seed(request.seed),
-            stop=request.stop,
-        ).validate()
-        # Decoding images and tiling them is CPU work: keep it off the event loop that streams
-        # the other predictions.
-        images, prepared = await asyncio.to_thread(self._prepare, request)
-        input_tokens = int(prepared.input_ids.numel())
-        self._log_request(images, prepared, input_tokens, params.seed)
-        self.record_metric("input_token_count", input_tokens)
-
-        handle = self.scheduler.submit(prepared, params)
-        if handle.seq.max_new_tokens < params.max_new_tokens:
-            print(f"max_length_tokens lowered from {params.max_new_tokens} to "
-                  f"{handle.seq.max_new_tokens}: prompt and answer must fit the "
-                  f"{self.engine.context_length}-token context", flush=True)
-        first_piece = True
+        handle = None
         try:
+            # Decoding images and tiling them is CPU work: keep it off the event loop.
+            _, prepared = await asyncio.to_thread(self._prepare, request, params)
+            handle = self.scheduler.submit(prepared, params)
+            first_piece = True
             async for piece in handle:
                 if first_piece:
-                    # From the start of predict(): image decoding and prefill included.
-                    self.record_metric("time_to_first_token", time.perf_counter() - started)
+                    self._record_first_token(started)
                     first_piece = False
                 yield piece
+            self._record_finish(handle.stats, started, first_piece)
+        except Exception as error:  # noqa: BLE001 - turned into a message for the user
+            raise user_facing_error(error)
         finally:
-            handle.cancel()  # no-op when finished; frees the slot when cancelled or failed
-        if first_piece:  # nothing visible was generated (e.g. eos straight away)
-            self.record_metric("time_to_first_token", time.perf_counter() - started)
-        stats = handle.stats
-        self.record_metric("output_token_count", stats.new_tokens)
-        if stats.tokens_per_second > 0:  # needs two tokens or more
-            self.record_metric("tokens_per_second", stats.tokens_per_second)
-        print(f"generated {stats.new_tokens} tokens ({stats.finish_reason})", flush=True)
-
-    def _prepare(self, request: PredictRequest) -> tuple[list[Image.Image], Any]:
-        """Decode the images and build the model inputs (runs in a worker thread)."""
-        images = [load_image(path, name=name) for name, path in request.images]
-        return images, self.engine.prepare(request.prompt, images, request.system_prompt)
-
-    def _log_request(
-        self, images: list[Image.Image], prepared: Any, input_tokens: int, seed: int
-    ) -> None:
-        """Print what the model sees: variant, per-image size/tiles/tokens, prompt length, seed."""
-        crops = prepared.images_spatial_crop.tolist()  # [n_images, 2]: (tiles across, down)
-        print(f"variant: {self.engine.variant}", flush=True)
-        for index, (img, (across, down), n_tokens) in enumerate(
-            zip(images, crops, prepared.num_image_tokens), start=1
-        ):
-            print(
-                f"image {index}: {img.width}x{img.height} px, global view + {across}x{down} "
-                f"local tiles, {n_tokens} tokens",
-                flush=True,
-            )
-        print(f"prompt tokens: {input_tokens}, seed: {seed}", flush=True)
+            if handle is not None:
+                handle.cancel()  # no-op when finished; frees the slot when cancelled or failed

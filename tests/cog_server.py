@@ -99,6 +99,7 @@ class CogServer:
     log_path: Path
     workdir: Path
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=4))
+    retry_busy: float = 0.0  # seconds to keep retrying a 409 (busy) answer in predict()
 
     def log(self) -> str:
         """Everything the server (and the predictor's setup/predict prints) wrote so far."""
@@ -121,12 +122,16 @@ class CogServer:
         canceled from another thread while this call waits.
         """
         body = {"input": inputs}
-        if prediction_id is None:
-            response = requests.post(f"{self.base_url}/predictions", json=body, timeout=timeout)
-        else:
-            url = f"{self.base_url}/predictions/{prediction_id}"
-            response = requests.put(url, json=body, timeout=timeout)
-        return response.status_code, response.json()
+        deadline = time.monotonic() + self.retry_busy
+        while True:
+            if prediction_id is None:
+                response = requests.post(f"{self.base_url}/predictions", json=body, timeout=timeout)
+            else:
+                url = f"{self.base_url}/predictions/{prediction_id}"
+                response = requests.put(url, json=body, timeout=timeout)
+            if response.status_code != 409 or time.monotonic() >= deadline:
+                return response.status_code, response.json()
+            time.sleep(0.05)
 
     def predict_in_background(
         self, inputs: dict[str, Any], prediction_id: str, timeout: float = 300
@@ -225,6 +230,7 @@ def cog_server(
     env: Optional[dict[str, str]] = None,
     setup_timeout: float = 600,
     expect_setup_failure: bool = False,
+    retry_busy: float = 0.0,
 ) -> Iterator[CogServer]:
     """Start Cog's HTTP server on ``predictor_ref`` (FILE.py:Class, relative to the repo root
     or absolute), wait until setup finished, yield a :class:`CogServer`, then stop it.
@@ -232,7 +238,10 @@ def cog_server(
     ``weights`` becomes ``COG_WEIGHTS`` (setup's argument). ``schema=False`` serves without
     ``.cog/openapi_schema.json`` (no input validation, /openapi.json answers 503). Setup that
     fails raises :class:`CogServerError` with the server log, unless ``expect_setup_failure``,
-    in which case the server is yielded in its SETUP_FAILED state.
+    in which case the server is yielded in its SETUP_FAILED state. ``retry_busy`` makes
+    :meth:`CogServer.predict` retry a 409 for that many seconds, as a client of a one-at-a-time
+    server would: coglet 0.23.1 can report its single slot busy for a few milliseconds after a
+    prediction ended.
     """
     ref = _absolute_ref(predictor_ref)
     port = free_port()
@@ -250,7 +259,7 @@ def cog_server(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() ends the worker too
             )
-        server = CogServer(f"http://127.0.0.1:{port}", process, log_path, workdir)
+        server = CogServer(f"http://127.0.0.1:{port}", process, log_path, workdir, retry_busy=retry_busy)
         try:
             _wait_for_setup(server, setup_timeout, expect_setup_failure)
             yield server

@@ -33,7 +33,7 @@ def images(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt"), variant="small", seed=5, eos_boost=0.0)
-    with cog_server("predict.py:Predictor", weights=checkpoint, env={"COG_MAX_CONCURRENCY": str(SLOTS)}) as running:
+    with cog_server("predict.py:ConcurrentPredictor", weights=checkpoint, env={"COG_MAX_CONCURRENCY": str(SLOTS)}) as running:
         yield running
 
 
