@@ -119,7 +119,7 @@ class Generator:
         """Process a single-turn prompt (``<image>`` tags optional) and its images.
 
         Role markers and bos/eos/pad strings in the prompt are plain text; ``<image>`` and the
-        grounding tags are structure (docs/robustness.md). Raises ContextLengthError, with the
+        grounding tags are structure (README.md). Raises ContextLengthError, with the
         token counts, when the prompt leaves no room for an answer.
         """
         conversation = build_conversation(prompt, len(images), self.processor.image_token)

@@ -7,7 +7,7 @@ offers a small CLI:
     python -m deepseek_vl2.grounding --image IMG --answer TEXT --out-image out.png --out-json boxes.json
 
 Parsing never raises on model text: whatever cannot be used is skipped or repaired and described
-in `GroundingResult.problems` (see docs/grounding.md for the exact rules).
+in `GroundingResult.problems` (see README.md for the exact rules).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ distribution of its probabilities, so its tokens depend only on its seed, its lo
 parameters, never on which other requests share the batch (`torch.multinomial` over a batch
 would consume one shared random stream).
 
-See docs/sampling.md for the user-facing description of every parameter.
+See README.md for the user-facing description of every parameter.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _is_integer(value: object) -> bool:
 
 @dataclass
 class SamplingParams:
-    """Per-request decoding parameters (ranges and meaning: docs/sampling.md).
+    """Per-request decoding parameters (ranges and meaning: README.md).
 
     temperature: 0 = greedy; otherwise logits are divided by it before top-k / top-p.
     top_p: nucleus mass in (0, 1]; 1 disables it.

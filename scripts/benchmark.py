@@ -206,7 +206,7 @@ class SetupTimes:
 
     @property
     def read_seconds(self) -> float:
-        """The faster read: the one in the same page-cache state the load saw (see docs/benchmark.md)."""
+        """The faster read: the one in the same page-cache state the load saw (see README.md)."""
         return min(self.read_seconds_before_load, self.read_seconds_after_load)
 
     @property

@@ -2,7 +2,7 @@
 
 Each case is checked for its outcome (a good answer, or a `failed` prediction whose message
 says what to change), and a valid prediction right after it must give the same answer it gave
-before (`assert_still_serving`). docs/robustness.md is the table these tests back.
+before (`assert_still_serving`). README.md is the table these tests back.
 
 Most tests talk to Cog's real HTTP server (tests/cog_server.py) running a copy of predict.py
 on a small random checkpoint. The copy is predict.py verbatim plus a test-only fault injector
@@ -639,7 +639,7 @@ def test_cancel_right_after_submitting_ends_the_prediction(server, image_dir, ba
                                                            delay: float) -> None:
     """A cancel that lands while Cog still prepares the inputs: coglet 0.23.1 then reports the
     prediction as failed with "Input validation error: " instead of canceled (a Cog quirk,
-    see docs/robustness.md). Either way it ends at once and the server keeps serving."""
+    see README.md). Either way it ends at once and the server keeps serving."""
     prediction_id = f"cancel-early-{uuid.uuid4().hex[:8]}"
     pending = server.predict_in_background(valid_request(image_dir, seed=1, **LONG_RUN),
                                            prediction_id)
