@@ -544,6 +544,8 @@ class ConcurrentPredictor(Predictor):
         print(f"serving up to {slots} prediction(s) at once in one batch "
               f"({self.scheduler.cache.nbytes() / 2**20:.0f} MiB KV cache)", flush=True)
 
+    # The inputs repeat Predictor.predict's on purpose: `cog build` reads each predict() signature
+    # statically, so it cannot be shared; tests/test_predict_inputs.py checks the two agree.
     @cog.streaming
     @cog.concurrent(max=8)
     async def predict(  # type: ignore[override]

@@ -687,3 +687,12 @@ def test_http_setup_reports_an_unusable_checkpoint(tmp_path: Path) -> None:
         health = bad.health()
     assert health["status"] == "SETUP_FAILED"
     assert "lacks" in health["setup"]["logs"] and "processor_config.json" in health["setup"]["logs"]
+
+
+def test_both_predictors_take_the_same_inputs() -> None:
+    """ConcurrentPredictor repeats Predictor's inputs (cog build reads each signature)."""
+    def described(method) -> list[tuple]:
+        return [(name, param.annotation, repr(param.default))
+                for name, param in inspect.signature(method).parameters.items()]
+
+    assert described(predict.ConcurrentPredictor.predict) == described(predict.Predictor.predict)
