@@ -9,7 +9,6 @@ exactly as in the container. The answer is streamed to stdout; logs go to stderr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import sys
 from pathlib import Path
@@ -17,12 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import predict  # noqa: E402
-
-
-async def _stream(predictor: predict.Predictor, kwargs: dict) -> None:
-    async for piece in predictor.predict(**kwargs):
-        print(piece, end="", flush=True, file=sys.__stdout__)
-    print(file=sys.__stdout__)
 
 
 def main() -> None:
@@ -53,7 +46,9 @@ def main() -> None:
         stop_sequences=args.stop_sequences, seed=args.seed,
     )
     with contextlib.redirect_stdout(sys.stderr):  # predict()'s logs; the answer goes to stdout
-        asyncio.run(_stream(predictor, kwargs))
+        for piece in predictor.predict(**kwargs):
+            print(piece, end="", flush=True, file=sys.__stdout__)
+    print(file=sys.__stdout__)
 
 
 if __name__ == "__main__":
