@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
-from .kv_cache import LayerCache
+from .kv_cache import LayerCache, Slots
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary, deinterleave, yarn_mscale
 
@@ -48,7 +48,7 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         cache: Optional[LayerCache] = None,
-        slots: Optional[torch.Tensor] = None,
+        slots: Optional[Slots] = None,
         kv_len: int = 0,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -113,7 +113,7 @@ class MultiHeadLatentAttention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         cache: Optional[LayerCache] = None,
-        slots: Optional[torch.Tensor] = None,
+        slots: Optional[Slots] = None,
         kv_len: int = 0,
     ) -> torch.Tensor:
         b, t, _ = x.shape

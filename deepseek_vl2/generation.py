@@ -172,7 +172,7 @@ class Generator:
         start, total = seq.length, seq.embeds.shape[1]
         end = min(start + chunk, total)
         positions = torch.arange(start, end, device=self.model.device).unsqueeze(0)
-        slots = torch.tensor([seq.slot], device=self.model.device)
+        slots = slice(seq.slot, seq.slot + 1)  # one slot: the cache is read as a view
         logits = self.model.forward_embeds(seq.embeds[:, start:end], positions, cache, slots, kv_len=end, last_only=True)
         seq.length = end
         if end < total:
@@ -191,7 +191,11 @@ class Generator:
         device = self.model.device
         tokens = torch.tensor([[s.last_token] for s in seqs], device=device)
         positions = torch.tensor([[s.length] for s in seqs], device=device)
-        slots = torch.tensor([s.slot for s in seqs], device=device)
+        slot_ids = [s.slot for s in seqs]
+        if slot_ids == list(range(slot_ids[0], slot_ids[0] + len(slot_ids))):
+            slots = slice(slot_ids[0], slot_ids[0] + len(slot_ids))  # consecutive: read the cache as a view
+        else:
+            slots = torch.tensor(slot_ids, device=device)
         # Round the attended length up to a bucket (masked beyond each request's own position), so
         # consecutive steps share tensor shapes: what torch.compile / CUDA-graph capture need.
         needed = max(s.length for s in seqs) + 1

@@ -5,14 +5,26 @@
   and the rotated shared rope key [slots, max_len, qk_rope_head_dim] — never per-head K/V.
 
 A request owns one slot; token t of a request lives at index t of its slot. Writing is an
-index_put at (slot, position); reading gathers slots [0:kv_len] (kv_len a host-side int that the
-caller tracks, so no device→host synchronisation is needed).
+index_put at (slot, position); reading takes slots [0:kv_len] (kv_len a host-side int that the
+caller tracks, so no device→host synchronisation is needed). ``slots`` is a LongTensor [B] (read
+by gathering: a copy) or, when the caller knows the slots are consecutive, a Python ``slice``
+(read as a view: no copy — the single-request path).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import torch
+
+Slots = Union[torch.Tensor, slice]
+
+
+def slot_rows(slots: Slots, device) -> torch.Tensor:
+    """Slot indices [B] as a tensor, from a tensor or a slice."""
+    if isinstance(slots, slice):
+        return torch.arange(slots.start, slots.stop, device=device)
+    return slots
 
 from .config import LanguageConfig
 
@@ -24,14 +36,14 @@ class LayerCache:
     first: torch.Tensor
     second: torch.Tensor
 
-    def write(self, slots: torch.Tensor, positions: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> None:
+    def write(self, slots: Slots, positions: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> None:
         """Store [B, T, ...] entries at (slots[b], positions[b, t])."""
-        rows = slots.unsqueeze(1).expand_as(positions)
+        rows = slot_rows(slots, positions.device).unsqueeze(1).expand_as(positions)
         self.first.index_put_((rows, positions), first.to(self.first.dtype))
         self.second.index_put_((rows, positions), second.to(self.second.dtype))
 
-    def read(self, slots: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Entries [B, kv_len, ...] of the given slots."""
+    def read(self, slots: Slots, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries [B, kv_len, ...] of the given slots (a view when ``slots`` is a slice)."""
         return self.first[slots, :kv_len], self.second[slots, :kv_len]
 
 

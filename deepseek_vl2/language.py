@@ -8,7 +8,7 @@ from torch import nn
 
 from .attention import build_attention
 from .config import LanguageConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Slots
 from .moe import MLP, MoE
 from .norm import RMSNorm
 
@@ -55,7 +55,7 @@ class LanguageModel(nn.Module):
         embeds: torch.Tensor,
         positions: torch.Tensor,
         cache: Optional[KVCache] = None,
-        slots: Optional[torch.Tensor] = None,
+        slots: Optional[Slots] = None,
         kv_len: Optional[int] = None,
         collect: Optional[list] = None,
     ) -> torch.Tensor:

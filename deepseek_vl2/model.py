@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .config import DeepseekVL2Config
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Slots
 from .language import LanguageModel
 from .projector import Projector
 from .vision import build_vision_tower, encode_tiles
@@ -111,7 +111,7 @@ class DeepseekVL2(nn.Module):
         embeds: torch.Tensor,
         positions: torch.Tensor,
         cache: Optional[KVCache] = None,
-        slots: Optional[torch.Tensor] = None,
+        slots: Optional[Slots] = None,
         kv_len: Optional[int] = None,
         last_only: bool = False,
     ) -> torch.Tensor:
@@ -126,7 +126,7 @@ class DeepseekVL2(nn.Module):
         token_ids: torch.Tensor,
         positions: torch.Tensor,
         cache: Optional[KVCache] = None,
-        slots: Optional[torch.Tensor] = None,
+        slots: Optional[Slots] = None,
         kv_len: Optional[int] = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for token ids [B, T] (no images: decode steps)."""

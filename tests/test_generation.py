@@ -157,3 +157,18 @@ def test_kv_length_bucketing_does_not_change_results(generator: Generator) -> No
     finally:
         generator.kv_bucket = 256
     assert bucketed == exact
+
+
+def test_cache_read_by_slice_is_a_view_equal_to_the_gather(generator: Generator) -> None:
+    cache = generator.model.new_cache(3, 16)
+    layer = cache.layers[0]
+    layer.first.normal_()
+    layer.second.normal_()
+    by_slice = layer.read(slice(1, 3), 9)
+    by_index = layer.read(torch.tensor([1, 2]), 9)
+    assert all(torch.equal(a, b) for a, b in zip(by_slice, by_index))
+    assert by_slice[0].data_ptr() == layer.first[1].data_ptr(), "a slice read must not copy"
+    positions = torch.tensor([[4, 5]])
+    new_first = torch.randn(1, 2, *layer.first.shape[2:])
+    layer.write(slice(2, 3), positions, new_first, torch.randn(1, 2, *layer.second.shape[2:]))
+    assert torch.equal(layer.first[2, 4:6], new_first[0])
