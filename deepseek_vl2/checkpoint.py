@@ -1,9 +1,10 @@
 """Load an official DeepSeek-VL2 checkpoint directory into :class:`DeepseekVL2`.
 
-The model is built on the meta device (no random initialisation), every parameter is allocated
-once on the target device in the target dtype, and tensors are copied in straight from the
+The model is built on the meta device (no random initialisation). Each tensor is read from the
 safetensors files (single ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``). Routed-expert weights are copied into their stacked tensors.
+``model.safetensors.index.json``) straight onto the target device and used as the parameter
+itself, cast only when the file's dtype differs from the target. Routed-expert weights are
+copied into their stacked tensors, allocated once.
 The key check is strict: missing and unexpected keys are listed in the error. The vision
 attention-pooling head (``vision.attn_pool.*``) is skipped on purpose — DeepSeek-VL2 never uses it.
 """
@@ -119,7 +120,14 @@ def load_model(
     files = weight_files(checkpoint_dir)
     with parameters_on_meta():
         model = DeepseekVL2(config)
-    params = {name: torch.empty(p.shape, device=device, dtype=dtype) for name, p in model.named_parameters()}
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    # Only the stacked expert tensors are allocated up front (their experts arrive one by one);
+    # every other parameter takes the tensor read from the file, cast only if its dtype differs.
+    params = {
+        name: torch.empty(shape, device=device, dtype=dtype)
+        for name, shape in shapes.items()
+        if name.endswith((".experts.gate_up", ".experts.down"))
+    }
     intermediate = {
         name[: -len(".experts.gate_up")]: p.shape[1] // 2 for name, p in params.items() if name.endswith(".experts.gate_up")
     }
@@ -131,12 +139,15 @@ def load_model(
             unexpected.append(key)
             continue
         name, index = _target(key, intermediate)
-        destination = params[name][index] if index else params[name]
-        if tuple(destination.shape) != tuple(tensor.shape):
+        expected = tuple(params[name][index].shape) if index else shapes[name]
+        if expected != tuple(tensor.shape):
             raise CheckpointError(
-                f"{key}: checkpoint shape {tuple(tensor.shape)} differs from the config's {tuple(destination.shape)}"
+                f"{key}: checkpoint shape {tuple(tensor.shape)} differs from the config's {expected}"
             )
-        destination.copy_(tensor)
+        if index:
+            params[name][index].copy_(tensor)
+        else:
+            params[name] = tensor.to(device=device, dtype=dtype)
         seen.add(key)
     missing = sorted(needed - seen)
     if missing or unexpected:
