@@ -696,3 +696,25 @@ def test_both_predictors_take_the_same_inputs() -> None:
                 for name, param in inspect.signature(method).parameters.items()]
 
     assert described(predict.ConcurrentPredictor.predict) == described(predict.Predictor.predict)
+
+
+def test_http_stream_arrives_while_generating(server) -> None:
+    """Output events arrive as tokens are generated, not in one burst at the end (what Cog 0.23.1
+    does with an async predictor's output)."""
+    import requests
+
+    image = data_uri(reference_dir() / "inputs" / "small_200x150.png")
+    inputs = {"image": image, "prompt": "Go on.", "temperature": 0, "max_length_tokens": 300}
+    arrivals: list[tuple[float, str]] = []
+    started = time.monotonic()
+    with requests.post(f"{server.base_url}/predictions", json={"input": inputs},
+                       headers={"Accept": "text/event-stream"}, stream=True, timeout=300) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines(decode_unicode=True):
+            if line and line.startswith("event:"):
+                arrivals.append((time.monotonic() - started, line.split(":", 1)[1].strip()))
+    outputs = [t for t, kind in arrivals if kind == "output"]
+    completed = next(t for t, kind in arrivals if kind == "completed")
+    assert len(outputs) > 10
+    # The first piece comes well before the end: at most half-way through the generation.
+    assert outputs[0] < 0.5 * completed, f"first output at {outputs[0]:.2f} s, completed at {completed:.2f} s"
