@@ -210,8 +210,8 @@ class Generator:
         seen = torch.cat([s.seen for s in seqs])
         tokens = sample_next(logits, seen, [s.params for s in seqs], [s.generator for s in seqs])
         pieces = []
-        for s, token in zip(seqs, tokens.tolist()):
-            update_seen(s.seen, tokens.new_tensor([token]))
+        for row, (s, token) in enumerate(zip(seqs, tokens.tolist())):
+            update_seen(s.seen, tokens[row : row + 1])  # stays on the device
             s.tokens.append(token)
             s.stats.new_tokens += 1
             if s.stats.new_tokens == 1:

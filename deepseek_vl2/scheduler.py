@@ -106,11 +106,11 @@ class BatchScheduler:
     # ----------------------------------------------------------------------------- API
     def submit(self, inputs: ProcessedInputs, params: SamplingParams) -> RequestHandle:
         """Queue a request; bad parameters or a prompt that cannot fit raise here, in the caller."""
-        if inputs.input_ids.numel() >= self.max_len:
-            self.generator.budget(inputs.input_ids.numel(), params.max_new_tokens)  # raises for the context
-            raise ValueError(f"the prompt needs {inputs.input_ids.numel()} tokens; this server holds {self.max_len} per request")
-        seq = self.generator.new_sequence(inputs, params, slot=-1)
-        seq.max_new_tokens = min(seq.max_new_tokens, self.max_len - seq.stats.prompt_tokens)
+        seq = self.generator.new_sequence(inputs, params, slot=-1)  # raises when the model's context is too small
+        room = self.max_len - seq.stats.prompt_tokens
+        if room < 1:
+            raise ValueError(f"the prompt needs {seq.stats.prompt_tokens} tokens; this server holds {self.max_len} per request")
+        seq.max_new_tokens = min(seq.max_new_tokens, room)
         seq.stats.max_new_tokens = seq.max_new_tokens
         handle = RequestHandle(seq)
         with self._wake:
