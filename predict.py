@@ -22,13 +22,13 @@ from PIL import Image
 
 import cog
 from cog import AsyncConcatenateIterator, BasePredictor, ConcatenateIterator, FieldInfo, Input, Path
-from deepseek_vl2.checkpoint import default_device, default_dtype, weight_files
-from deepseek_vl2.config import load_config
-from deepseek_vl2.generation import Generator
-from deepseek_vl2.images import load_image
-from deepseek_vl2.sampling import SamplingParams, resolve_seed
-from deepseek_vl2.scheduler import BatchScheduler
-from scripts.download_weights import (
+from deepseek_vl2.model.checkpoint import default_device, default_dtype, weight_files
+from deepseek_vl2.model.config import load_config
+from deepseek_vl2.engine.generation import Generator
+from deepseek_vl2.inputs.images import load_image
+from deepseek_vl2.engine.sampling import SamplingParams, resolve_seed
+from deepseek_vl2.engine.scheduler import BatchScheduler
+from deepseek_vl2.weights import (
     DEFAULT_VARIANT,
     VARIANT_ENV,
     VARIANTS,
@@ -531,7 +531,7 @@ class ConcurrentPredictor(Predictor):
 
     Cog runs concurrent predictions only for an async predict (``concurrency.max`` in cog.yaml,
     ``COG_MAX_CONCURRENCY`` for the server). Requests feed one
-    :class:`deepseek_vl2.scheduler.BatchScheduler`; each streams its own text and can be
+    :class:`deepseek_vl2.engine.scheduler.BatchScheduler`; each streams its own text and can be
     cancelled alone. Note: Cog 0.23.1's server (coglet) sends the output of an async predict in
     one burst when it finishes, so with this predictor text arrives at the end, not token by token.
     """

@@ -39,12 +39,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as ``python scripts/benchmark.py``
     sys.path.insert(0, str(REPO_ROOT))
 
-from deepseek_vl2.checkpoint import weight_files  # noqa: E402
-from deepseek_vl2.config import LanguageConfig  # noqa: E402
-from deepseek_vl2.generation import DEFAULT_PREFILL_CHUNK, Generator  # noqa: E402
-from deepseek_vl2.processor import ProcessedInputs  # noqa: E402
-from deepseek_vl2.sampling import SamplingParams, sample_next, update_seen  # noqa: E402
-from deepseek_vl2.scheduler import BatchScheduler  # noqa: E402
+from deepseek_vl2.model.checkpoint import weight_files  # noqa: E402
+from deepseek_vl2.model.config import LanguageConfig  # noqa: E402
+from deepseek_vl2.engine.generation import DEFAULT_PREFILL_CHUNK, Generator  # noqa: E402
+from deepseek_vl2.inputs.processor import ProcessedInputs  # noqa: E402
+from deepseek_vl2.engine.sampling import SamplingParams, sample_next, update_seen  # noqa: E402
+from deepseek_vl2.engine.scheduler import BatchScheduler  # noqa: E402
 from scripts.make_demo_image import draw_pipeline  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from deepseek_vl2.checkpoint import load_model  # noqa: E402
-from deepseek_vl2.generation import Generator  # noqa: E402
-from deepseek_vl2.processor import DeepseekVL2Processor  # noqa: E402
-from deepseek_vl2.sampling import SamplingParams  # noqa: E402
+from deepseek_vl2.model.checkpoint import load_model  # noqa: E402
+from deepseek_vl2.engine.generation import Generator  # noqa: E402
+from deepseek_vl2.inputs.processor import DeepseekVL2Processor  # noqa: E402
+from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
 from reference_data import case_names, checkpoint_dir, config_names, expected_outputs, has_outputs, load_case_inputs  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from deepseek_vl2.checkpoint import load_model
+from deepseek_vl2.model.checkpoint import load_model
 from scripts.benchmark import activated_parameters, kv_cache_bytes_per_position, main
 from scripts.make_test_checkpoint import make_checkpoint
 

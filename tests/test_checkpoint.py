@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deepseek_vl2.checkpoint import CheckpointError, load_model
-from deepseek_vl2.config import ConfigError, load_config
+from deepseek_vl2.model.checkpoint import CheckpointError, load_model
+from deepseek_vl2.model.config import ConfigError, load_config
 from scripts.make_test_checkpoint import make_checkpoint
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from deepseek_vl2.generation import Generator
-from deepseek_vl2.sampling import SamplingParams, sample_next
+from deepseek_vl2.engine.generation import Generator
+from deepseek_vl2.engine.sampling import SamplingParams, sample_next
 from scripts.make_test_checkpoint import make_checkpoint
 
 SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "bincount", "item")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from deepseek_vl2.generation import ContextLengthError, Generator
-from deepseek_vl2.sampling import SamplingParams
-from deepseek_vl2.scheduler import BatchScheduler
+from deepseek_vl2.engine.generation import ContextLengthError, Generator
+from deepseek_vl2.engine.sampling import SamplingParams
+from deepseek_vl2.engine.scheduler import BatchScheduler
 from scripts.make_test_checkpoint import make_checkpoint
 
 

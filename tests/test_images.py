@@ -1,4 +1,4 @@
-"""Tests for deepseek_vl2.images: decoding untrusted user images into RGB.
+"""Tests for deepseek_vl2.inputs.images: decoding untrusted user images into RGB.
 
 Every test image is generated here with Pillow/numpy (or written byte by byte for the bombs);
 expected pixels come from the definitions (palette entries, alpha blending on white, v / 257 for
@@ -22,7 +22,7 @@ from PIL import Image, ImageFile
 
 from reference_data import ENV_VAR, reference_dir
 
-from deepseek_vl2.images import (
+from deepseek_vl2.inputs.images import (
     DEFAULT_MAX_PIXELS,
     ImageInputError,
     describe_image,
@@ -311,7 +311,7 @@ def test_bomb_does_not_allocate_its_decoded_size(tmp_path):
     small.write_bytes(black_bilevel_png(8, 8))
     script = textwrap.dedent("""
         import sys
-        from deepseek_vl2.images import ImageInputError, load_image
+        from deepseek_vl2.inputs.images import ImageInputError, load_image
 
         def peak_rss_kib():  # this process's high-water mark; ru_maxrss would include the parent's
             with open("/proc/self/status") as status:

@@ -239,7 +239,7 @@ def test_cli_writes_a_sharded_checkpoint(tmp_path, capsys):
 
 
 def test_the_project_loader_accepts_the_checkpoints(reduced, tmp_path):
-    from deepseek_vl2.checkpoint import load_model
+    from deepseek_vl2.model.checkpoint import load_model
 
     extra = make_checkpoint(tmp_path / "x", variant="base", shards=2, q_lora_rank=16,
                             n_group=4, topk_group=2, yarn_factor=2.0, dtype="bfloat16")

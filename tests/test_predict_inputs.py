@@ -29,8 +29,9 @@ import predict
 from cog import FieldInfo
 from cog_server import cog_server, data_uri, serve_directory
 from reference_data import reference_dir
-from scripts import download_weights, make_openapi_schema
-from scripts.download_weights import DownloadError
+from deepseek_vl2 import weights as download_weights
+from scripts import make_openapi_schema
+from deepseek_vl2.weights import DownloadError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLOSED_HUB = "http://127.0.0.1:9"  # nothing listens on port 9 (discard): fails at once

@@ -26,7 +26,7 @@ from reference_data import (
     reference_dir,
 )
 
-from deepseek_vl2.processor import DeepseekVL2Processor, ProcessedInputs
+from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs
 
 # ============================================================================ shared helpers
 
@@ -99,9 +99,9 @@ def test_processor_image_tiles(config: str, case: str) -> None:
 # Stage outputs, logits, teacher-forced log-probs and greedy continuations against
 # outputs/<config>/<case>.{safetensors,json}. Tolerances are the fixture README's suggestions.
 
-from deepseek_vl2.checkpoint import load_model  # noqa: E402
-from deepseek_vl2.generation import Generator  # noqa: E402
-from deepseek_vl2.sampling import SamplingParams  # noqa: E402
+from deepseek_vl2.model.checkpoint import load_model  # noqa: E402
+from deepseek_vl2.engine.generation import Generator  # noqa: E402
+from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
 from reference_data import expected_outputs  # noqa: E402
 
 STAGE_TOL = dict(atol=1e-5, rtol=1e-5)  # vision_tile0, projector_tile0, inputs_embeds

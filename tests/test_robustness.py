@@ -38,15 +38,15 @@ from PIL import Image
 
 import predict
 from cog_server import CogServer, cog_server, data_uri, parse_sse
-from deepseek_vl2.chat_template import ASSISTANT_ROLE, USER_ROLE, format_user_turn, user_turn_segments
-from deepseek_vl2.generation import ContextLengthError, Generator
-from deepseek_vl2.processor import (
+from deepseek_vl2.inputs.chat_template import ASSISTANT_ROLE, USER_ROLE, format_user_turn, user_turn_segments
+from deepseek_vl2.engine.generation import ContextLengthError, Generator
+from deepseek_vl2.inputs.processor import (
     GROUNDING_TOKENS,
     DeepseekVL2Processor,
     build_conversation,
     split_on_tokens,
 )
-from deepseek_vl2.sampling import SamplingParams
+from deepseek_vl2.engine.sampling import SamplingParams
 from reference_data import case_params, checkpoint_dir, expected_processor_tensors, load_case_inputs
 from scripts.make_test_checkpoint import make_checkpoint
 
@@ -59,7 +59,7 @@ FAULT_INJECTION = '''
 
 # ----- test-only fault injection, appended by tests/test_robustness.py (not in predict.py) -----
 import torch as _fault_torch
-from deepseek_vl2.generation import Generator as _FaultGenerator
+from deepseek_vl2.engine.generation import Generator as _FaultGenerator
 
 _real_prefill_step = _FaultGenerator.prefill_step
 _real_decode_logits = _FaultGenerator.decode_logits
@@ -877,7 +877,7 @@ def test_prepare_refuses_a_prompt_filling_the_whole_context(generator: Generator
 def test_budget_shrinks_the_answer_and_logs_it(generator: Generator, caplog) -> None:
     inputs = generator.prepare("Go" + " word" * 3000, [])
     room = generator.context_length - inputs.input_ids.numel()
-    with caplog.at_level("INFO", logger="deepseek_vl2.generation"):
+    with caplog.at_level("INFO", logger="deepseek_vl2.engine.generation"):
         seq = generator.new_sequence(inputs, SamplingParams(max_new_tokens=4096))
     assert seq.max_new_tokens == room
     assert f"lowered from 4096 to {room}" in caplog.text

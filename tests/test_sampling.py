@@ -1,4 +1,4 @@
-"""Tests for deepseek_vl2.sampling: parameter checks, logits processing, seeded sampling."""
+"""Tests for deepseek_vl2.engine.sampling: parameter checks, logits processing, seeded sampling."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from deepseek_vl2.sampling import (
+from deepseek_vl2.engine.sampling import (
     _inverse_cdf,
     SamplingParams,
     apply_repetition_penalty,

@@ -1,4 +1,4 @@
-"""Tests for deepseek_vl2.streaming.TextStreamer.
+"""Tests for deepseek_vl2.engine.streaming.TextStreamer.
 
 Most tests use a small byte-level BPE tokenizer trained here on ASCII text, so every non-ASCII
 character is split into one token per UTF-8 byte; the fixture tokenizer is used where present.
@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from deepseek_vl2.streaming import TextStreamer, earliest_stop, hidden_special_ids
+from deepseek_vl2.engine.streaming import TextStreamer, earliest_stop, hidden_special_ids
 from reference_data import (
     checkpoint_dir,
     reference_available,

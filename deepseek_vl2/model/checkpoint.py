@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .config import load_config
-from .model import DeepseekVL2
+from .multimodal import DeepseekVL2
 
 UNUSED_KEY_PREFIXES = ("vision.attn_pool.",)
 _EXPERT_KEY = re.compile(r"^(?P<moe>.+\.mlp)\.experts\.(?P<e>\d+)\.(?P<part>gate|up|down)_proj\.weight$")

@@ -1,10 +1,8 @@
 """Grounding answers: parse `<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>` into boxes.
 
 DeepSeek-VL2 writes box corners as integers on a 0-999 grid relative to the original image's
-width and height. This module turns such answers into pixel boxes, draws them on the image, and
-offers a small CLI:
-
-    python -m deepseek_vl2.grounding --image IMG --answer TEXT --out-image out.png --out-json boxes.json
+width and height. This module turns such answers into pixel boxes (`draw.py` outlines them on the image,
+`__main__.py` is the CLI ``python -m deepseek_vl2.grounding``).
 
 Parsing never raises on model text: whatever cannot be used is skipped or repaired and described
 in `GroundingResult.problems` (see README.md for the exact rules).
@@ -12,18 +10,10 @@ in `GroundingResult.problems` (see README.md for the exact rules).
 
 from __future__ import annotations
 
-import argparse
-import colorsys
-import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
-from deepseek_vl2.images import load_image
 
 GRID_MAX = 999  # the model's coordinate grid is 0..999 inclusive
 DEFAULT_LABEL = "object"
@@ -42,12 +32,6 @@ _UNCLOSED_LIST_RE = re.compile(r"\[([^\[\]]*)$")
 _BOX_TEXT_PREFIX_RE = re.compile(r"[\s\[\](),.+\-\d]*")
 _INT_RE = re.compile(r"[+-]?\d+")
 _FLOAT_RE = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)")
-
-_PALETTE: list[tuple[int, int, int]] = [
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
-]
-
 
 @dataclass
 class GroundedObject:
@@ -323,140 +307,3 @@ def parse_grounding(text: str, image_size: tuple[int, int] | None = None) -> Gro
 def strip_grounding_tags(text: str) -> str:
     """The answer as readable text: labels kept, ref/det tags, box lists and special tokens removed."""
     return parse_grounding(text).text
-
-
-# ----------------------------------------------------------------------------------- drawing
-
-
-def label_colors(result: GroundingResult) -> dict[str, tuple[int, int, int]]:
-    """Deterministic RGB colour per label, by order of first appearance (distinct labels, distinct colours)."""
-    colours: dict[str, tuple[int, int, int]] = {}
-    for index, label in enumerate(result.labels()):
-        if index < len(_PALETTE):
-            colours[label] = _PALETTE[index]
-        else:  # golden-ratio hue steps keep later colours apart
-            hue = (index * 0.618033988749895) % 1.0
-            r, g, b = colorsys.hsv_to_rgb(hue, 0.8, 0.95)
-            colours[label] = (round(r * 255), round(g * 255), round(b * 255))
-    return colours
-
-
-def line_width(image_size: tuple[int, int]) -> int:
-    """Rectangle outline width in pixels for an image of (width, height): min side / 160, at least 2."""
-    return max(2, round(min(image_size) / 160))
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ValueError, OSError, ImportError):  # Pillow without FreeType
-        return ImageFont.load_default()
-
-
-def _draw_rect(box: NormalizedBox, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Grid box -> inclusive integer pixel rectangle inside the image (floor, clipped to size - 1)."""
-    width, height = image_size
-    x1, y1, x2, y2 = box
-    return (
-        min(int(x1 * width / GRID_MAX), width - 1),
-        min(int(y1 * height / GRID_MAX), height - 1),
-        min(int(x2 * width / GRID_MAX), width - 1),
-        min(int(y2 * height / GRID_MAX), height - 1),
-    )
-
-
-def draw_grounding(image: Image.Image, result: GroundingResult | str) -> Image.Image:
-    """Return a copy of `image` with every box outlined and labelled; the input is not modified.
-
-    Boxes are placed from `boxes_normalized` using this image's own size. `result` may also be the
-    raw answer text. Colours come from `label_colors`; the line width from `line_width`.
-    """
-    if isinstance(result, str):
-        result = parse_grounding(result, image.size)
-    canvas = image.copy() if image.mode in ("RGB", "RGBA") else image.convert("RGB")
-    draw = ImageDraw.Draw(canvas)
-    colours = label_colors(result)
-    width = line_width(canvas.size)
-    font = _font(max(12, round(min(canvas.size) / 30)))
-
-    rects = [
-        (obj.label, _draw_rect(box, canvas.size)) for obj in result.objects for box in obj.boxes_normalized
-    ]
-    for label, rect in rects:
-        draw.rectangle(rect, outline=colours[label], width=width)
-    for label, (x1, y1, _, _) in rects:  # labels last so that no outline covers them
-        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        pad = max(2, width)
-        tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
-        tag_y = y1 - tag_h if y1 - tag_h >= 0 else y1 + width
-        tag_x = min(x1, max(0, canvas.width - tag_w))
-        colour = colours[label]
-        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-        draw.rectangle((tag_x, tag_y, tag_x + tag_w - 1, tag_y + tag_h - 1), fill=colour)
-        text_colour = (0, 0, 0) if luminance > 140 else (255, 255, 255)
-        draw.text((tag_x + pad - left, tag_y + pad - top), label, fill=text_colour, font=font)
-    return canvas
-
-
-# --------------------------------------------------------------------------------------- CLI
-
-
-def _load_image(path: str) -> Image.Image:
-    """Decode the image as the model sees it (EXIF orientation applied, RGB), at full size.
-
-    `images.load_image` would decode very large JPEGs at reduced scale; the limit is lifted here so
-    that pixel boxes refer to the file's own size (Pillow's decompression-bomb limit still holds).
-    """
-    return load_image(path, max_pixels=sys.maxsize, name=f"--image {path}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the process exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m deepseek_vl2.grounding",
-        description="Turn a DeepSeek-VL2 grounding answer into pixel boxes (JSON) and an annotated image.",
-    )
-    parser.add_argument("--image", required=True, help="the image the question was asked about")
-    answer = parser.add_mutually_exclusive_group(required=True)
-    answer.add_argument("--answer", help="the model's answer text")
-    answer.add_argument("--answer-file", help="file holding the model's answer text (UTF-8)")
-    parser.add_argument("--out-image", help="where to write the annotated PNG")
-    parser.add_argument("--out-json", help="where to write the boxes as JSON (default: standard output)")
-    args = parser.parse_args(argv)
-
-    if args.answer_file is not None:
-        try:
-            text = Path(args.answer_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            print(f"error: cannot read answer file {args.answer_file}: {error}", file=sys.stderr)
-            return 1
-    else:
-        text = args.answer
-    try:
-        image = _load_image(args.image)
-    except ValueError as error:  # images.ImageInputError: its message names the file and the reason
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"error: cannot read image {args.image}: {error}", file=sys.stderr)
-        return 1
-
-    result = parse_grounding(text, image.size)
-    for problem in result.problems:
-        print(f"warning: {problem}", file=sys.stderr)
-    payload = json.dumps(result.to_dict(), indent=2, ensure_ascii=False)
-    try:
-        if args.out_image:
-            draw_grounding(image, result).save(args.out_image, format="PNG")
-        if args.out_json:
-            Path(args.out_json).write_text(payload + "\n", encoding="utf-8")
-        else:
-            print(payload)
-    except OSError as error:
-        print(f"error: cannot write output: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,10 +21,10 @@ from typing import Iterator, Optional, Sequence as Seq
 import torch
 from PIL import Image
 
-from .checkpoint import load_model
-from .kv_cache import KVCache
-from .model import DeepseekVL2
-from .processor import DeepseekVL2Processor, ProcessedInputs, build_conversation
+from deepseek_vl2.model.checkpoint import load_model
+from deepseek_vl2.model.kv_cache import KVCache
+from deepseek_vl2.model.multimodal import DeepseekVL2
+from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs, build_conversation
 from .sampling import SamplingParams, make_generator, make_seen_mask, sample_next, update_seen
 from .streaming import TextStreamer, hidden_special_ids
 

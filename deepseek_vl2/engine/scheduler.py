@@ -19,7 +19,7 @@ from typing import AsyncIterator, Iterator, Optional
 import torch
 
 from .generation import Generator, Sequence
-from .processor import ProcessedInputs
+from deepseek_vl2.inputs.processor import ProcessedInputs
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The engine: generation (prefill + cached decode), batching scheduler, sampling and text streaming."""
