@@ -11,10 +11,14 @@ import functools
 import importlib
 import importlib.util
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from scripts import make_openapi_schema
 
@@ -72,9 +76,10 @@ def test_readme_inputs_table_lists_exactly_the_schema_inputs() -> None:
     assert sorted(readme_input_rows()) == sorted(properties)
 
 
-@pytest.mark.parametrize("name", sorted(schema_inputs()[0]))
+@pytest.mark.parametrize("name", sorted(readme_input_rows()))
 def test_readme_inputs_row_matches_the_schema(name: str) -> None:
     properties, required = schema_inputs()
+    assert name in properties, f"README documents an input the schema lacks: {name}"
     spec = properties[name]
     kind, default, allowed, _ = readme_input_rows()[name]
     expected_kind = "file" if spec.get("format") == "uri" else spec["type"]
@@ -167,3 +172,36 @@ def test_readme_example_files_are_shipped() -> None:
     assert used, "the README's examples should use the shipped images"
     missing = sorted(name for name in used if not (REPO_ROOT / name).is_file())
     assert not missing, f"README commands use images that are not shipped: {missing}"
+
+
+EXAMPLE_IMAGES = ("chart.png", "street.png", "before.png", "after.png")
+
+
+@pytest.fixture(scope="module")
+def drawn_examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh drawing of the example images by examples/make_examples.py."""
+    out = tmp_path_factory.mktemp("examples")
+    subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "make_examples.py"), "--out",
+                    str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("name", EXAMPLE_IMAGES)
+def test_example_images_are_what_the_script_draws_and_small(name: str, drawn_examples: Path) -> None:
+    committed = REPO_ROOT / "examples" / name
+    assert committed.stat().st_size < 10_000
+    with Image.open(committed) as shipped, Image.open(drawn_examples / name) as drawn:
+        assert shipped.convert("RGB").tobytes() == drawn.convert("RGB").tobytes()
+
+
+def test_grounding_example_is_what_the_documented_command_draws(tmp_path: Path) -> None:
+    """docs/grounding_example.png is reproduced by the command docs/grounding.md shows."""
+    text = (REPO_ROOT / "docs" / "grounding.md").read_text(encoding="utf-8")
+    block = next(b for b in code_blocks(text) if "--out-image docs/grounding_example.png" in b)
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:3] == [".venv/bin/python", "-m", "deepseek_vl2.grounding"]
+    out = tmp_path / "example.png"
+    argv[argv.index("--out-image") + 1] = str(out)
+    subprocess.run([sys.executable, *argv[1:]], cwd=REPO_ROOT, check=True, capture_output=True)
+    with Image.open(REPO_ROOT / "docs" / "grounding_example.png") as shipped, Image.open(out) as drawn:
+        assert shipped.tobytes() == drawn.tobytes()
