@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
 README_LIMIT_BYTES = 20 * 1024
+PACKAGE_DIR = "deepseek_vl2"
 TEST_COMMAND = ".venv/bin/python -m pytest -q tests"
 
 
@@ -205,3 +206,13 @@ def test_grounding_example_is_what_the_documented_command_draws(tmp_path: Path) 
     subprocess.run([sys.executable, *argv[1:]], cwd=REPO_ROOT, check=True, capture_output=True)
     with Image.open(REPO_ROOT / "docs" / "grounding_example.png") as shipped, Image.open(out) as drawn:
         assert shipped.tobytes() == drawn.tobytes()
+
+
+def test_code_points_only_to_docs_that_exist() -> None:
+    """`docs/….md` named in code, cog.yaml or scripts exists (cog.yaml once pointed to a missing one)."""
+    sources = [*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("*.yaml"), *(REPO_ROOT / PACKAGE_DIR).rglob("*.py"),
+               *(REPO_ROOT / "scripts").glob("*"), *(REPO_ROOT / "tests").glob("*.py")]
+    missing = sorted({f"{path.relative_to(REPO_ROOT)}: {name}" for path in sources if path.is_file()
+                      for name in re.findall(r"\bdocs/[\w.-]+\.(?:md|txt|png)\b", path.read_text(encoding="utf-8"))
+                      if not (REPO_ROOT / name).exists()})
+    assert not missing, missing
