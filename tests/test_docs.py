@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from PIL import Image
 
 from scripts import make_openapi_schema
@@ -49,8 +50,10 @@ def prose(text: str) -> str:
 
 @functools.cache
 def schema_inputs() -> tuple[dict[str, Any], list[str]]:
-    """Input properties and required names of the predictor cog.yaml serves, as Cog sees them."""
-    schema = make_openapi_schema.build_schema(str(REPO_ROOT / make_openapi_schema.DEFAULT_REF))
+    """Input properties and required names of the predictor cog.yaml names, as Cog sees them."""
+    config = yaml.safe_load((REPO_ROOT / "cog.yaml").read_text(encoding="utf-8"))
+    served = config.get("run") or config["predict"]  # cog 0.23's key, or the older one
+    schema = make_openapi_schema.build_schema(str(REPO_ROOT / served))
     inputs = schema["components"]["schemas"]["Input"]
     return inputs["properties"], inputs.get("required", [])
 

@@ -17,12 +17,20 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 
 from scripts.make_test_checkpoint import make_checkpoint
 from tests.cog_server import CogServer, cog_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README_ADDRESS = "http://127.0.0.1:5000"
+
+
+def served_predictor() -> str:
+    """The predictor cog.yaml names (``run:``, or the older ``predict:``)."""
+    config = yaml.safe_load((REPO_ROOT / "cog.yaml").read_text(encoding="utf-8"))
+    return config.get("run") or config["predict"]
+
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(tool) for tool in ("bash", "curl", "jq", "base64")),
@@ -50,7 +58,7 @@ def block_with(marker: str) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("test-tiny"), variant="tiny")
-    with cog_server("predict.py:Predictor", weights=checkpoint, retry_busy=10) as running:
+    with cog_server(served_predictor(), weights=checkpoint, retry_busy=10) as running:
         yield running
 
 
