@@ -104,7 +104,9 @@ class Generator:
 
     @property
     def variant(self) -> str:
-        return self.model.config.variant
+        from deepseek_vl2.weights import variant_name  # the variant table lives in weights.py
+
+        return variant_name(self.model.config)
 
     @property
     def context_length(self) -> int:
