@@ -51,6 +51,7 @@ DEFAULT_VARIANT = "deepseek-ai/deepseek-vl2"
 VARIANT_ENV = "DSVL2_VARIANT"
 WEIGHTS_ENV = "COG_WEIGHTS"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DOWNLOAD_DIR_ENV = "DSVL2_DOWNLOAD_DIR"  # where URL downloads go (default: weights/)
 
 # GPU memory estimate: bf16 weights (2 bytes per parameter) plus 10% and 2 GiB for the CUDA
 # context, activations of a 512-token prefill chunk, the vision tower and the KV cache.
@@ -236,7 +237,7 @@ def resolve_checkpoint(weights: str | None = None) -> Path:
 
     ``weights`` (Cog passes ``COG_WEIGHTS``) or the ``COG_WEIGHTS`` variable: a local
     directory in the official layout, or an http(s) URL of a .tar / .tar.gz of one (fetched
-    into ``weights/`` once). Without it ``weights/`` is used; if that holds no complete
+    into ``weights/``, or ``DSVL2_DOWNLOAD_DIR``, once). Without it ``weights/`` is used; if that holds no complete
     checkpoint the variant in ``DSVL2_VARIANT`` (default deepseek-ai/deepseek-vl2) is
     downloaded into it. Raises ValueError for an unusable directory, DownloadError when a
     download fails.
@@ -248,7 +249,7 @@ def resolve_checkpoint(weights: str | None = None) -> Path:
             from deepseek_vl2.serving.fetch import FetchError, fetch_checkpoint
 
             try:
-                path = fetch_checkpoint(text, DEFAULT_WEIGHTS_DIR)
+                path = fetch_checkpoint(text, Path(os.environ.get(DOWNLOAD_DIR_ENV) or DEFAULT_WEIGHTS_DIR))
             except FetchError as error:
                 raise DownloadError(str(error)) from error
         else:
