@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import os
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 SUPPORTED_COGLET = "0.23.1"
 MODE_ENV = "DSVL2_STREAMING"  # "auto" (default) or "collect"
@@ -94,6 +95,18 @@ def uninstall() -> None:
     """Put the original ``asyncio.run_coroutine_threadsafe`` back (tests)."""
     if asyncio.run_coroutine_threadsafe is _submit_with_hooks:
         asyncio.run_coroutine_threadsafe = _original_submit
+
+
+@contextlib.contextmanager
+def direct_call() -> Iterator[list[Callable[[], None]]]:
+    """Run predictions outside Cog's server (a script calling run()) the way the bridge runs
+    them: run() returns a generator that streams; calling the yielded hooks cancels it."""
+    hooks: list[Callable[[], None]] = []
+    token = _hooks.set(hooks)
+    try:
+        yield hooks
+    finally:
+        _hooks.reset(token)
 
 
 def cancel_hooks() -> Optional[list[Callable[[], None]]]:

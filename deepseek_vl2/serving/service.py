@@ -101,7 +101,7 @@ class Service:
     async def answer(self, request: PredictRequest, record: Record) -> Iterator[str]:
         """Run one prediction beside the others; returns its text pieces (see the module doc)."""
         started = time.perf_counter()
-        hooks = coglet_bridge.cancel_hooks() if self.streaming else None
+        hooks = coglet_bridge.cancel_hooks()  # None: no bridge, collect the answer here
         cancelled = threading.Event()
         submitted: list[RequestHandle] = []
 
