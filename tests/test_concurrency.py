@@ -69,6 +69,11 @@ def test_simultaneous_predictions_equal_their_sequential_results(server, images)
     assert [status for status, _ in results] == [200] * SLOTS
     assert [_text(body) for _, body in results] == sequential
     assert all(body["metrics"]["output_token_count"] >= 1 for _, body in results)
+    # Each prediction's own logs and metrics (Cog routes them per prediction; the generator runs
+    # in another thread than the coroutine that made it).
+    for _, body in results:
+        count = body["metrics"]["output_token_count"]
+        assert body["logs"].count("generated ") == 1 and f"generated {count} tokens" in body["logs"]
 
 
 def test_simultaneous_streams_each_deliver_their_own_events(server, images) -> None:

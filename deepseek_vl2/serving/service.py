@@ -12,6 +12,7 @@ bridge the coroutine collects the answer itself and returns it complete.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import sys
@@ -135,7 +136,10 @@ class Service:
                 handle.cancel()  # no-op when finished; frees the slot when cancelled
             self._finish(handle, images, "".join(pieces), started, bool(pieces), record)
             return (piece for piece in pieces)
-        return self._stream(handle, images, cancelled, started, record)
+        # Cog's server iterates the generator in another thread, where its per-prediction log
+        # and metric routing is not this coroutine's: run every step in this context.
+        return _in_context(contextvars.copy_context(),
+                           self._stream(handle, images, cancelled, started, record))
 
     def _stream(self, handle: RequestHandle, images: list[Image.Image], cancelled: threading.Event,
                 started: float, record: Record) -> Iterator[str]:
@@ -182,6 +186,19 @@ class Service:
             record("tokens_per_second", stats.tokens_per_second)
         print(f"generated {stats.new_tokens} tokens ({stats.finish_reason})", flush=True)
         log_grounding(text, images)
+
+
+def _in_context(context: contextvars.Context, pieces: Iterator[str]) -> Iterator[str]:
+    """``pieces``, each step run inside ``context`` (prints and metrics reach this prediction)."""
+    try:
+        while True:
+            try:
+                piece = context.run(next, pieces)
+            except StopIteration:
+                return
+            yield piece
+    finally:
+        context.run(pieces.close)
 
 
 def log_grounding(text: str, images: list[Image.Image]) -> None:
