@@ -164,20 +164,27 @@ def _timed_stream(server, inputs: dict, prediction_id: str) -> dict:
     return {"arrivals": arrivals, "events": events, "ended": time.monotonic() - started}
 
 
+def _start_long_stream(pool: ThreadPoolExecutor, server, image: str, prediction_id: str, seed: int):
+    """Start a long sampled stream (3000 tokens) and wait until it reached the engine."""
+    long_run = {"image": image, "prompt": "Write a very long essay.", "temperature": 1.0,
+                "seed": seed, "max_length_tokens": 3000}
+    pending = pool.submit(_timed_stream, server, long_run, prediction_id)
+    _wait_for_log(server, f'"prediction_id":"{prediction_id}"', "prompt tokens")
+    return pending
+
+
 def test_two_streams_run_together_while_a_third_is_cancelled(server, images) -> None:
     """Three predictions at once: two stream their text as it is generated (first output long
     before the end) while the third, cancelled mid-stream, ends promptly; then all slots are free."""
     streamed = {"prompt": "Go on and on.", "temperature": 0, "max_length_tokens": 150}
     victim = f"victim-{uuid.uuid4().hex[:8]}"
-    long_run = {"image": images[2], "prompt": "Write a very long essay.", "temperature": 1.0,
-                "seed": 1, "max_length_tokens": 3000}
     with ThreadPoolExecutor(max_workers=3) as pool:
-        doomed = pool.submit(_timed_stream, server, long_run, victim)
-        _wait_for_log(server, f'"prediction_id":"{victim}"', "prompt tokens")
-        streams = [pool.submit(_timed_stream, server, {"image": images[k], **streamed}, f"s{k}-{uuid.uuid4().hex[:6]}")
+        doomed = _start_long_stream(pool, server, images[2], victim, seed=1)
+        ids = [f"s{k}-{uuid.uuid4().hex[:6]}" for k in range(2)]
+        streams = [pool.submit(_timed_stream, server, {"image": images[k], **streamed}, ids[k])
                    for k in range(2)]
-        _wait_for_log(server, "prompt tokens: ", timeout=60)
-        time.sleep(0.5)
+        for prediction_id in ids:  # all three are generating now
+            _wait_for_log(server, f'"prediction_id":"{prediction_id}"', "prompt tokens")
         cancelled_at = time.monotonic()
         assert server.cancel(victim) == 200
         cancelled = doomed.result(timeout=60)
@@ -201,11 +208,8 @@ def test_cancelled_stream_keeps_what_it_sent(server, images) -> None:
     `output`, and the metrics say how many tokens were made. (The synchronous HTTP answer of a
     cancelled prediction never carries `output` in coglet 0.23.1: routes.rs builds it without.)"""
     victim = f"keep-{uuid.uuid4().hex[:8]}"
-    long_run = {"image": images[0], "prompt": "Write a very long essay.", "temperature": 1.0,
-                "seed": 2, "max_length_tokens": 3000}
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_timed_stream, server, long_run, victim)
-        _wait_for_log(server, f'"prediction_id":"{victim}"', "prompt tokens")
+        pending = _start_long_stream(pool, server, images[0], victim, seed=2)
         time.sleep(1.0)
         assert server.cancel(victim) == 200
         result = pending.result(timeout=60)
@@ -263,3 +267,25 @@ def test_plain_paths_are_refused_alike(server, path: str) -> None:
 
 def _requests_image(server) -> str:
     return data_uri(Path(__file__).resolve().parents[1] / "demo.png")
+
+
+def test_without_the_bridge_answers_come_complete_and_cancel_still_works(tmp_path: Path, images) -> None:
+    """The documented fallback (DSVL2_STREAMING=collect, or another coglet version): batched and
+    cancellable, the text sent when the prediction ends."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", variant="tiny", seed=5, eos_boost=0.0)
+    env = {"COG_MAX_CONCURRENCY": "2", "DSVL2_STREAMING": "collect"}
+    with cog_server("predict.py:Predictor", weights=checkpoint, env=env) as fallback:
+        assert "answers are sent when complete" in fallback.log()
+        result = _timed_stream(fallback, {"image": images[0], "prompt": "Go on.", "temperature": 0,
+                                          "max_length_tokens": 60}, f"c-{uuid.uuid4().hex[:6]}")
+        outputs = [t for t, e in zip(result["arrivals"], result["events"]) if e.event == "output"]
+        assert result["events"][-1].data["status"] == "succeeded" and outputs
+        assert outputs[0] > 0.8 * result["ended"]  # all at the end: no streaming
+        victim = f"victim-{uuid.uuid4().hex[:8]}"
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = _start_long_stream(pool, fallback, images[1], victim, seed=3)
+            cancelled_at = time.monotonic()
+            assert fallback.cancel(victim) == 200
+            cancelled = pending.result(timeout=60)
+        assert time.monotonic() - cancelled_at < 5
+        assert cancelled["events"][-1].data["status"] == "canceled"

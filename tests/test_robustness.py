@@ -272,18 +272,7 @@ def failure(body: dict) -> str:
 
 def worker_pid(server: CogServer) -> int:
     """The pid of the Python worker that runs the predictor (a child of the server)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == server.process.pid and b"coglet" in cmdline:
-            return int(entry.name)
-    raise AssertionError("no coglet worker process found under the server")
+    return server.worker_pid()
 
 
 def memory_kib(pid: int, field: str) -> int:
