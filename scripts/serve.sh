@@ -17,13 +17,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo_root="$PWD"
 venv="${VENV:-.venv}"
+case "$venv" in /*) ;; *) venv="$repo_root/$venv" ;; esac
 if [ ! -x "$venv/bin/python" ]; then
     echo "error: no Python at $venv/bin/python; create the venv first (see README)" >&2
     exit 1
 fi
 
 # coglet starts its worker as a bare `python`: the venv must come first on PATH.
-export PATH="$repo_root/$venv/bin:$PATH"
+export PATH="$venv/bin:$PATH"
 export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
 
 python scripts/download_weights.py --plan >&2 || exit 2

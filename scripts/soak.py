@@ -185,12 +185,15 @@ def soak(server: CogServer, n: int, slots: int, seed: int, warmup: int = 16) -> 
                                                    "max_length_tokens": 4}, k % 2 == 0), range(warmup)))
         rss_start = server.worker_rss_mib()
         outcomes: list[Outcome] = []
+        trace = [round(rss_start)]  # RSS (MiB) about every n/10 predictions
         started = time.monotonic()
         while len(outcomes) < n:
             burst = min(rng.randint(1, slots + 2), n - len(outcomes))
             jobs = [next_job(rng, images) for _ in range(burst)]
             futures = [pool.submit(job, server, *args) for job, args in jobs]
             outcomes += [f.result(timeout=900) for f in futures]
+            if len(outcomes) * 10 // n >= len(trace):
+                trace.append(round(server.worker_rss_mib()))
         elapsed = time.monotonic() - started
     rss_end = server.worker_rss_mib()
     health = server.health().get("status")
@@ -205,6 +208,7 @@ def soak(server: CogServer, n: int, slots: int, seed: int, warmup: int = 16) -> 
         "unexpected": failures,
         "rss_start_mib": round(rss_start, 1),
         "rss_end_mib": round(rss_end, 1),
+        "rss_trace_mib": trace,
         "latency_p50_s": round(percentile(latencies, 0.5), 3),
         "latency_p99_s": round(percentile(latencies, 0.99), 3),
         "seconds": round(elapsed, 1),

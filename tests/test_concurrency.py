@@ -289,3 +289,28 @@ def test_without_the_bridge_answers_come_complete_and_cancel_still_works(tmp_pat
             cancelled = pending.result(timeout=60)
         assert time.monotonic() - cancelled_at < 5
         assert cancelled["events"][-1].data["status"] == "canceled"
+
+
+def test_in_flight_state_shows_the_text_so_far(server, images) -> None:
+    """What a webhook or a client polling sees while a prediction runs (coglet 0.23.1: re-PUT the
+    same id with `Prefer: respond-async`): status `processing` and the output streamed so far."""
+    import requests
+
+    prediction_id = f"inflight-{uuid.uuid4().hex[:8]}"
+    body = {"input": {"image": images[0], "prompt": "Write a very long essay.", "temperature": 1.0,
+                      "seed": 4, "max_length_tokens": 3000}}
+    url = f"{server.base_url}/predictions/{prediction_id}"
+    headers = {"Prefer": "respond-async"}
+    assert requests.put(url, json=body, headers=headers, timeout=30).status_code in (200, 202)
+    try:
+        deadline, state = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            state = requests.put(url, json=body, headers=headers, timeout=30).json()
+            if state.get("status") == "processing" and len(state.get("output") or []) >= 5:
+                break
+            time.sleep(0.1)
+        assert state.get("status") == "processing" and len(state["output"]) >= 5, state
+        later = requests.put(url, json=body, headers=headers, timeout=30).json()
+        assert later["output"][: len(state["output"])] == state["output"]  # it grows
+    finally:
+        assert server.cancel(prediction_id) == 200

@@ -163,3 +163,21 @@ def test_cog_server_loads_weights_from_a_tarball_url(tmp_path: Path, tarball: by
     assert len(body["output"]) >= 1
     assert "resuming" in log and f"bytes={len(tarball) // 4}-" in host.ranges
     assert "downloading http://127.0.0.1" in log and "extracting" in log
+
+
+def test_serve_sh_refuses_an_unasked_download() -> None:
+    """`scripts/serve.sh` with no COG_WEIGHTS, an empty weights/ and no DSVL2_VARIANT stops
+    before starting a server, saying what it could download and how large."""
+    import os
+    import subprocess
+    import sys
+
+    if not weights.missing_checkpoint_files(weights.DEFAULT_WEIGHTS_DIR):
+        pytest.skip("weights/ holds a checkpoint here: serve.sh would start a server")
+    env = {k: v for k, v in os.environ.items() if k not in ("COG_WEIGHTS", "DSVL2_VARIANT")}
+    env["VENV"] = str(Path(sys.executable).parent.parent)
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "serve.sh")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "DSVL2_VARIANT=tiny|small|base" in result.stderr and "about 55 GB" in result.stderr
+    assert "serving predict.py" not in result.stderr
