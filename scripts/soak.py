@@ -175,32 +175,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def soak(server: CogServer, n: int, slots: int, seed: int, warmup: int = 16) -> dict[str, Any]:
-    """Run ``n`` predictions (after ``warmup`` good ones) against ``server``; the report."""
+def _run_mix(server: CogServer, pool: ThreadPoolExecutor, rng: random.Random, images: list[str],
+             n: int, slots: int, trace: Optional[list[int]] = None) -> list[Outcome]:
+    """``n`` jobs of the mix in concurrent bursts; RSS appended to ``trace`` every n/10."""
+    outcomes: list[Outcome] = []
+    while len(outcomes) < n:
+        burst = min(rng.randint(1, slots + 2), n - len(outcomes))
+        jobs = [next_job(rng, images) for _ in range(burst)]
+        futures = [pool.submit(job, server, *args) for job, args in jobs]
+        outcomes += [f.result(timeout=900) for f in futures]
+        if trace is not None and len(outcomes) * 10 // n >= len(trace):
+            trace.append(round(server.worker_rss_mib()))
+    return outcomes
+
+
+def soak(server: CogServer, n: int, slots: int, seed: int, warmup: int = 100) -> dict[str, Any]:
+    """Run ``warmup`` then ``n`` predictions of the mix against ``server``; the report.
+
+    RSS is taken after the warm-up (the allocator's pools, caches and per-thread arenas fill up
+    over the first hundred or so predictions of this mix) and every n/10 predictions after.
+    """
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         images = make_images(Path(tmp))
     with ThreadPoolExecutor(max_workers=slots + 2) as pool:
-        list(pool.map(lambda k: run_good(server, {"image": images[k % len(images)], "prompt": "Hi",
-                                                   "max_length_tokens": 4}, k % 2 == 0), range(warmup)))
+        warm = _run_mix(server, pool, rng, images, warmup, slots)
         rss_start = server.worker_rss_mib()
-        outcomes: list[Outcome] = []
-        trace = [round(rss_start)]  # RSS (MiB) about every n/10 predictions
+        trace = [round(rss_start)]
         started = time.monotonic()
-        while len(outcomes) < n:
-            burst = min(rng.randint(1, slots + 2), n - len(outcomes))
-            jobs = [next_job(rng, images) for _ in range(burst)]
-            futures = [pool.submit(job, server, *args) for job, args in jobs]
-            outcomes += [f.result(timeout=900) for f in futures]
-            if len(outcomes) * 10 // n >= len(trace):
-                trace.append(round(server.worker_rss_mib()))
+        outcomes = _run_mix(server, pool, rng, images, n, slots, trace)
         elapsed = time.monotonic() - started
     rss_end = server.worker_rss_mib()
     health = server.health().get("status")
     latencies = [o.seconds for o in outcomes if o.ok and o.kind in ("good", "stream")]
-    failures = [f"{o.kind}: {o.detail}" for o in outcomes if not o.ok]
+    failures = [f"{o.kind}: {o.detail}" for o in warm + outcomes if not o.ok]
     return {
         "predictions": len(outcomes),
+        "warmup_predictions": len(warm),
         "served": sum(o.ok and o.kind in ("good", "stream") for o in outcomes),
         "kinds": dict(Counter(o.kind for o in outcomes)),
         "expected_failures": sum(o.ok and o.kind.startswith("bad:") for o in outcomes),
@@ -224,6 +235,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--slots", type=int, default=8, help="COG_MAX_CONCURRENCY")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-bound", type=float, default=64.0, help="allowed RSS growth, MiB")
+    parser.add_argument("--warmup", type=int, default=100, help="predictions before RSS is taken")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         weights = args.weights
@@ -233,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             weights = make_checkpoint(Path(tmp) / "ckpt", variant="tiny", seed=7)
         with cog_server("predict.py:Predictor", weights=weights,
                         env={"COG_MAX_CONCURRENCY": str(args.slots), "MALLOC_ARENA_MAX": "2"}) as server:
-            report = soak(server, args.n, args.slots, args.seed)
+            report = soak(server, args.n, args.slots, args.seed, args.warmup)
     grown = report["rss_end_mib"] - report["rss_start_mib"]
     report["rss_bound_mib"] = args.rss_bound
     print(json.dumps(report, indent=2))

@@ -19,7 +19,7 @@ def test_short_soak_loses_nothing(tmp_path: Path) -> None:
     checkpoint = make_checkpoint(tmp_path / "ckpt", variant="tiny", seed=7)
     with cog_server("predict.py:Predictor", weights=checkpoint,
                     env={"COG_MAX_CONCURRENCY": "4", "MALLOC_ARENA_MAX": "2"}) as server:
-        report = soak.soak(server, n=40, slots=4, seed=1)
+        report = soak.soak(server, n=40, slots=4, seed=1, warmup=20)
     assert report["unexpected"] == []
     assert report["predictions"] == 40 and report["served"] > 10
     assert report["expected_failures"] > 0 and report["cancelled"] > 0

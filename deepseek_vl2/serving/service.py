@@ -134,7 +134,7 @@ class Service:
                 raise user_facing_error(error)
             finally:
                 handle.cancel()  # no-op when finished; frees the slot when cancelled
-            self._finish(handle, images, "".join(pieces), started, bool(pieces), record)
+                self._finish(handle, images, "".join(pieces), started, bool(pieces), record)
             return (piece for piece in pieces)
         # Cog's server iterates the generator in another thread, where its per-prediction log
         # and metric routing is not this coroutine's: run every step in this context.
