@@ -8,7 +8,7 @@ one decode step; each streams its text and can be cancelled alone. Details: docs
 from typing import Optional
 
 import cog
-from cog import BaseRunner, ConcatenateIterator, Input, Path
+from cog import BaseRunner, ConcatenateIterator, FieldInfo, Input, Path
 from deepseek_vl2.serving.inputs import IMAGE_INPUTS, declared_inputs, validate_inputs
 from deepseek_vl2.serving.service import Service
 
@@ -78,5 +78,7 @@ class Predictor(BaseRunner):
         return await self.service.answer(request, self.record_metric)
 
 
-DECLARED = declared_inputs(Predictor.run)
+# The ranges and defaults above, for the checks; Cog's server makes a cog.Path only from a
+# data: URI or an http(s) URL, so only those are accepted as files.
+DECLARED = declared_inputs(Predictor.run, field_type=FieldInfo, uploaded=(Path,))
 

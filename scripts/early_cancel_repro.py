@@ -26,9 +26,8 @@ import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from cog_server import CogServer, cog_server, data_uri  # noqa: E402
+from scripts.cog_server import CogServer, cog_server, data_uri  # noqa: E402
 
 
 def cancel_early(server: CogServer, image: str, k: int, rng: random.Random) -> str:

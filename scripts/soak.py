@@ -33,9 +33,8 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from cog_server import CogServer, cog_server, data_uri, parse_sse  # noqa: E402
+from scripts.cog_server import CogServer, cog_server, data_uri, parse_sse  # noqa: E402
 
 SIZES = [(64, 48), (320, 200), (200, 480), (640, 480), (1200, 300), (384, 384)]
 PROMPTS = ["Describe this picture.", "What colour dominates?", "<|grounding|>Find the shapes.",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cog_server import cog_server, data_uri, parse_sse
+from scripts.cog_server import cog_server, data_uri, parse_sse
 from scripts.make_test_checkpoint import make_checkpoint
 
 SLOTS = 3
@@ -237,7 +237,7 @@ def test_cog_would_warn_about_the_old_names(tmp_path: Path) -> None:
     source = (Path(__file__).resolve().parents[1] / "predict.py").read_text(encoding="utf-8")
     old = tmp_path / "old_names.py"
     old.write_text(source.replace("async def run(", "async def predict(")
-                   .replace("DECLARED = declared_inputs(Predictor.run)", "DECLARED = declared_inputs(Predictor.predict)"))
+                   .replace("declared_inputs(Predictor.run,", "declared_inputs(Predictor.predict,"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         from cog import _inspector

@@ -28,7 +28,7 @@ from PIL import Image
 import predict
 from cog import FieldInfo
 from cog import Path as CogPath
-from cog_server import cog_server, data_uri, serve_directory
+from scripts.cog_server import cog_server, data_uri, serve_directory
 from reference_data import reference_dir
 from deepseek_vl2 import weights as download_weights
 from deepseek_vl2 import weights

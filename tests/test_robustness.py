@@ -4,7 +4,7 @@ Each case is checked for its outcome (a good answer, or a `failed` prediction wh
 says what to change), and a valid prediction right after it must give the same answer it gave
 before (`assert_still_serving`). README.md is the table these tests back.
 
-Most tests talk to Cog's real HTTP server (tests/cog_server.py) running a copy of predict.py
+Most tests talk to Cog's real HTTP server (scripts/cog_server.py) running a copy of predict.py
 on a small random checkpoint. The copy is predict.py verbatim plus a test-only fault injector
 appended at the end (`FAULT_INJECTION`): a prompt containing ``[fault:<stage>-<kind>]`` makes
 the engine raise in that stage (``prefill`` / ``decode``) with that kind of error (``oom``:
@@ -40,7 +40,7 @@ import predict
 from cog import Path as CogPath
 from deepseek_vl2.serving import errors as serving_errors
 from deepseek_vl2.serving import inputs as serving_inputs
-from cog_server import CogServer, cog_server, data_uri, parse_sse
+from scripts.cog_server import CogServer, cog_server, data_uri, parse_sse
 from deepseek_vl2.inputs.chat_template import ASSISTANT_ROLE, USER_ROLE, format_user_turn, user_turn_segments
 from deepseek_vl2.engine.generation import ContextLengthError, Generator
 from deepseek_vl2.inputs.processor import (

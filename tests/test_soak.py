@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cog_server import cog_server
+from scripts.cog_server import cog_server
 from scripts import soak
 from scripts.make_test_checkpoint import make_checkpoint
 

@@ -15,9 +15,9 @@ from typing import Iterator
 
 import pytest
 
-from cog_server import cog_server, data_uri
+from scripts.cog_server import cog_server, data_uri
 from deepseek_vl2 import weights
-from deepseek_vl2.serving import fetch
+from deepseek_vl2.weights import fetch
 from scripts.make_test_checkpoint import make_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

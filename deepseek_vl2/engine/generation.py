@@ -104,9 +104,7 @@ class Generator:
 
     @property
     def variant(self) -> str:
-        from deepseek_vl2.weights import variant_name  # the variant table lives in weights.py
-
-        return variant_name(self.model.config)
+        return self.model.config.variant
 
     @property
     def context_length(self) -> int:

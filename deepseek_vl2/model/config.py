@@ -201,6 +201,17 @@ class DeepseekVL2Config:
                 f"{self.language.hidden_size}"
             )
 
+    @property
+    def variant(self) -> str:
+        """Name of the official variant these shapes match, or "custom"."""
+        lang = self.language
+        shapes = {
+            (1280, 12, 64): "deepseek-vl2-tiny",
+            (2048, 27, 64): "deepseek-vl2-small",
+            (2560, 30, 72): "deepseek-vl2",
+        }
+        return shapes.get((lang.hidden_size, lang.num_hidden_layers, lang.n_routed_experts), "custom")
+
 
 def config_from_dict(raw: dict[str, Any]) -> DeepseekVL2Config:
     """Build and validate a config from the parsed ``config.json`` mapping."""

@@ -6,8 +6,9 @@ for ``ge``/``le`` and nothing else). :func:`declared_inputs` reads those declara
 time, so the checks here and the server's HTTP 422 use the same numbers.
 
 Files: Cog's server turns a ``data:`` URI or an ``http(s)`` URL into a ``cog.Path`` (a
-downloaded temporary file) and passes any other string on as a plain ``str``. Only ``cog.Path``
-values are accepted, so a client cannot make the container read its own files.
+downloaded temporary file) and passes any other string on as a plain ``str``. Only values of the
+``uploaded`` types predict.py names (``cog.Path``) are accepted, so a client cannot make the
+container read its own files. This module does not import Cog: predict.py hands it Cog's types.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
-
-from cog import FieldInfo
-from cog import Path as CogPath
 
 from deepseek_vl2.engine.sampling import SamplingParams
 
@@ -44,10 +42,12 @@ _LONE_SURROGATES = re.compile("[\ud800-\udfff]")
 
 @dataclass(frozen=True)
 class Declarations:
-    """What run()'s ``Input()`` declarations say: defaults and inclusive numeric ranges."""
+    """What run()'s ``Input()`` declarations say, and the types the checks need to know."""
 
     defaults: dict[str, Any]
     limits: dict[str, tuple[float, float]]  # input name -> (ge, le)
+    field_type: type  # what an Input() declaration is (cog.FieldInfo)
+    uploaded: tuple[type, ...]  # file values the server made from data:/http(s) inputs (cog.Path)
 
 
 @dataclass(frozen=True)
@@ -60,17 +60,18 @@ class PredictRequest:
     params: SamplingParams  # validated; seed None = drawn by the engine
 
 
-def declared_inputs(method: Callable[..., Any]) -> Declarations:
-    """Defaults and ranges of ``method``'s ``Input()`` parameters."""
+def declared_inputs(method: Callable[..., Any], field_type: type,
+                    uploaded: tuple[type, ...]) -> Declarations:
+    """Defaults and ranges of ``method``'s parameters declared as ``field_type`` (``Input()``)."""
     defaults, limits = {}, {}
     for name, param in inspect.signature(method).parameters.items():
         declared = param.default
-        if not isinstance(declared, FieldInfo):
+        if not isinstance(declared, field_type):
             continue
         defaults[name] = declared.default
         if declared.ge is not None or declared.le is not None:
             limits[name] = (declared.ge, declared.le)
-    return Declarations(defaults, limits)
+    return Declarations(defaults, limits, field_type, uploaded)
 
 
 def clean_text(text: str) -> str:
@@ -106,14 +107,15 @@ def parse_stop_sequences(text: str) -> tuple[str, ...]:
     return stops
 
 
-def check_file(name: str, value: Any) -> Path:
+def check_file(name: str, value: Any, uploaded: tuple[type, ...]) -> Path:
     """A file input as the server delivered it, or ValueError.
 
-    Only a ``cog.Path`` is accepted: the file Cog's server downloaded from a ``data:`` URI or an
-    ``http(s)`` URL. A plain string (what the server passes for anything else) or another kind
-    of path is refused with the same message whether or not such a file exists.
+    Only an ``uploaded`` value is accepted (``cog.Path``: the file Cog's server downloaded from a
+    ``data:`` URI or an ``http(s)`` URL). A plain string (what the server passes for anything
+    else) or another kind of path is refused with the same message whether or not such a file
+    exists.
     """
-    if isinstance(value, CogPath):
+    if isinstance(value, uploaded):
         return Path(value)
     if isinstance(value, (str, Path)):
         raise ValueError(FILE_ORIGIN_MESSAGE.format(name=name))
@@ -128,13 +130,14 @@ def validate_inputs(arguments: Mapping[str, Any], declarations: Declarations) ->
     holding its ``Input(...)`` declaration (a direct call), takes the declared default.
     """
     given = {
-        name: (value.default if isinstance(value, FieldInfo) else value)
+        name: (value.default if isinstance(value, declarations.field_type) else value)
         for name, value in arguments.items()
     }
     value = {**declarations.defaults, **given}.get
     if value("image") is None:
         raise ValueError("image is required")
-    images = [(name, check_file(name, value(name))) for name in IMAGE_INPUTS if value(name) is not None]
+    images = [(name, check_file(name, value(name), declarations.uploaded))
+              for name in IMAGE_INPUTS if value(name) is not None]
     prompt = _check_text("prompt", value("prompt"), optional=False)
     if not prompt.strip():
         raise ValueError("prompt must not be empty: ask something about the image")

@@ -2,7 +2,7 @@
 check and the GPU sizing.
 
 ``resolve_checkpoint`` takes ``COG_WEIGHTS`` (a local directory, or an http(s) URL of a .tar /
-.tar.gz, see :mod:`deepseek_vl2.serving.fetch`), else ``weights/``, downloading the variant named
+.tar.gz, see :mod:`deepseek_vl2.weights.fetch`), else ``weights/``, downloading the variant named
 by ``DSVL2_VARIANT`` from the Hugging Face Hub into it when it holds no complete checkpoint.
 Only the files inference needs are fetched; progress is one log line every few seconds.
 
@@ -19,7 +19,6 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,6 @@ class Variant:
     short_name: str  # "tiny" / "small" / "base"
     repo_id: str  # Hugging Face repository
     billion_params: float  # total parameters (all experts), from the model card
-    shape: tuple[int, int, int]  # language model (hidden_size, layers, routed experts)
 
     @property
     def name(self) -> str:
@@ -43,14 +41,14 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    "tiny": Variant("tiny", "deepseek-ai/deepseek-vl2-tiny", 3.37, (1280, 12, 64)),
-    "small": Variant("small", "deepseek-ai/deepseek-vl2-small", 16.1, (2048, 27, 64)),
-    "base": Variant("base", "deepseek-ai/deepseek-vl2", 27.5, (2560, 30, 72)),
+    "tiny": Variant("tiny", "deepseek-ai/deepseek-vl2-tiny", 3.37),
+    "small": Variant("small", "deepseek-ai/deepseek-vl2-small", 16.1),
+    "base": Variant("base", "deepseek-ai/deepseek-vl2", 27.5),
 }
 DEFAULT_VARIANT = "deepseek-ai/deepseek-vl2"
 VARIANT_ENV = "DSVL2_VARIANT"
 WEIGHTS_ENV = "COG_WEIGHTS"
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 DOWNLOAD_DIR_ENV = "DSVL2_DOWNLOAD_DIR"  # where URL downloads go (default: weights/)
 
 # GPU memory estimate: bf16 weights (2 bytes per parameter) plus 10% and 2 GiB for the CUDA
@@ -99,19 +97,12 @@ def variant_for_repo(repo_id: str) -> Variant | None:
     return next((v for v in VARIANTS.values() if v.repo_id == repo_id), None)
 
 
-def variant_name(config: Any) -> str:
-    """Name of the official variant a model config's shapes match (``deepseek-vl2-tiny``, ...),
-    or "custom"."""
-    lang = config.language
-    shape = (lang.hidden_size, lang.num_hidden_layers, lang.n_routed_experts)
-    return next((v.name for v in VARIANTS.values() if v.shape == shape), "custom")
-
-
 def checkpoint_name(path: str | Path) -> str:
-    """The variant name of the checkpoint in ``path`` (reads its config.json)."""
+    """The variant name of the checkpoint in ``path`` (its config's shapes, read from config.json;
+    the shapes -> name rule lives with the model config, ``DeepseekVL2Config.variant``)."""
     from deepseek_vl2.model.config import load_config
 
-    return variant_name(load_config(path))
+    return load_config(path).variant
 
 
 def missing_checkpoint_files(path: str | Path) -> list[str]:
@@ -156,7 +147,7 @@ def download(
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.utils import disable_progress_bars
 
-    from deepseek_vl2.serving.fetch import watch
+    from deepseek_vl2.weights.fetch import watch
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -246,7 +237,7 @@ def resolve_checkpoint(weights: str | None = None) -> Path:
     if explicit:
         text = str(explicit)
         if text.startswith(("http://", "https://")):
-            from deepseek_vl2.serving.fetch import FetchError, fetch_checkpoint
+            from deepseek_vl2.weights.fetch import FetchError, fetch_checkpoint
 
             try:
                 path = fetch_checkpoint(text, Path(os.environ.get(DOWNLOAD_DIR_ENV) or DEFAULT_WEIGHTS_DIR))
