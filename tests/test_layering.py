@@ -101,11 +101,16 @@ def within(module: str, prefix: str) -> bool:
 OUTSIDE_THE_PACKAGE = ("predict", "scripts", "tests", "cog", "coglet", "conftest")
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     f"{PACKAGE}.model": (f"{PACKAGE}.inputs", f"{PACKAGE}.engine", f"{PACKAGE}.grounding",
-                         f"{PACKAGE}.weights"),
-    f"{PACKAGE}.inputs": (f"{PACKAGE}.engine", f"{PACKAGE}.grounding", f"{PACKAGE}.weights"),
-    f"{PACKAGE}.engine": (f"{PACKAGE}.grounding", f"{PACKAGE}.weights"),
-    f"{PACKAGE}.grounding": (f"{PACKAGE}.model", f"{PACKAGE}.engine", f"{PACKAGE}.weights"),
-    f"{PACKAGE}.weights": (f"{PACKAGE}.inputs", f"{PACKAGE}.engine", f"{PACKAGE}.grounding"),
+                         f"{PACKAGE}.weights", f"{PACKAGE}.serving"),
+    f"{PACKAGE}.inputs": (f"{PACKAGE}.engine", f"{PACKAGE}.grounding", f"{PACKAGE}.weights",
+                          f"{PACKAGE}.serving"),
+    f"{PACKAGE}.engine": (f"{PACKAGE}.grounding", f"{PACKAGE}.weights", f"{PACKAGE}.serving"),
+    f"{PACKAGE}.grounding": (f"{PACKAGE}.model", f"{PACKAGE}.engine", f"{PACKAGE}.weights",
+                             f"{PACKAGE}.serving"),
+    f"{PACKAGE}.weights": (f"{PACKAGE}.inputs", f"{PACKAGE}.engine", f"{PACKAGE}.grounding",
+                           f"{PACKAGE}.serving"),
+    # serving/ is the top of the package (what predict.py calls): it may use every layer.
+    f"{PACKAGE}.serving": (),
 }
 # inputs/ may import exactly these modules of model/ (shared configuration vocabulary).
 INPUTS_MAY_USE_FROM_MODEL = (f"{PACKAGE}.model.config",)

@@ -27,11 +27,19 @@ from PIL import Image
 
 import predict
 from cog import FieldInfo
-from cog_server import cog_server, data_uri, serve_directory
+from cog import Path as CogPath
+from scripts.cog_server import cog_server, data_uri, serve_directory
 from reference_data import reference_dir
 from deepseek_vl2 import weights as download_weights
+from deepseek_vl2 import weights
+from deepseek_vl2.serving import inputs as serving_inputs
 from scripts import make_openapi_schema
 from deepseek_vl2.weights import DownloadError
+
+
+def check_inputs(**arguments: Any):
+    """validate_inputs against predict.py's declarations, as run() calls it."""
+    return serving_inputs.validate_inputs(arguments, predict.DECLARED)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLOSED_HUB = "http://127.0.0.1:9"  # nothing listens on port 9 (discard): fails at once
@@ -49,7 +57,7 @@ def image_file(tmp_path: Path) -> Path:
 def valid_args(image_path: Path, /, **changes: Any) -> dict[str, Any]:
     """A complete, valid set of predict() arguments (the Input defaults), with changes."""
     args = dict(
-        image=image_path, prompt="What is in this picture?", image_2=None, image_3=None,
+        image=CogPath(image_path), prompt="What is in this picture?", image_2=None, image_3=None,
         image_4=None, system_prompt=None, temperature=0.1, top_p=0.9, top_k=0,
         repetition_penalty=1.1, max_length_tokens=2048, stop_sequences=None, seed=None,
     )  # fmt: skip
@@ -62,8 +70,8 @@ def valid_args(image_path: Path, /, **changes: Any) -> dict[str, Any]:
 
 def test_valid_inputs_come_back_checked(image_file: Path) -> None:
     second = image_file.with_name("second.png")
-    request = predict.validate_inputs(
-        **valid_args(image_file, image_3=str(second), system_prompt="  Be brief.  ",
+    request = check_inputs(
+        **valid_args(image_file, image_3=CogPath(second), system_prompt="  Be brief.  ",
                      temperature=0, top_p=1, max_length_tokens=16, seed=7,
                      stop_sequences=" </answer> ,###,, ")
     )
@@ -71,10 +79,11 @@ def test_valid_inputs_come_back_checked(image_file: Path) -> None:
     # image_2 left out: the images keep their order, the gap is skipped.
     assert request.images == [("image", image_file), ("image_3", second)]
     assert request.system_prompt == "Be brief."
-    assert (request.temperature, request.top_p, request.max_new_tokens) == (0.0, 1.0, 16)
-    assert isinstance(request.temperature, float) and isinstance(request.top_p, float)
-    assert request.seed == 7
-    assert request.stop == ("</answer>", "###")
+    params = request.params
+    assert (params.temperature, params.top_p, params.max_new_tokens) == (0.0, 1.0, 16)
+    assert isinstance(params.temperature, float) and isinstance(params.top_p, float)
+    assert params.seed == 7
+    assert params.stop == ("</answer>", "###")
 
 
 @pytest.mark.parametrize(
@@ -94,39 +103,40 @@ def test_valid_inputs_come_back_checked(image_file: Path) -> None:
 )  # fmt: skip
 def test_invalid_input_is_refused_naming_it(image_file: Path, name: str, value: Any) -> None:
     with pytest.raises(ValueError, match=name):
-        predict.validate_inputs(**valid_args(image_file, **{name: value}))
+        check_inputs(**valid_args(image_file, **{name: value}))
 
 
 def test_too_many_stop_sequences(image_file: Path) -> None:
-    stops = ",".join(f"s{i}" for i in range(predict.MAX_STOP_SEQUENCES + 1))
+    stops = ",".join(f"s{i}" for i in range(serving_inputs.MAX_STOP_SEQUENCES + 1))
     with pytest.raises(ValueError, match="stop_sequences"):
-        predict.validate_inputs(**valid_args(image_file, stop_sequences=stops))
+        check_inputs(**valid_args(image_file, stop_sequences=stops))
 
 
 def test_direct_call_defaults_come_from_the_input_declarations(image_file: Path) -> None:
     """Omitted arguments of a direct call arrive as Input() objects: their defaults apply."""
-    signature = inspect.signature(predict.Predictor.predict)
+    signature = inspect.signature(predict.Predictor.run)
     declared = {
         name: param.default
         for name, param in signature.parameters.items()
         if name not in ("self", "image", "prompt")
     }
     assert all(isinstance(value, FieldInfo) for value in declared.values())
-    request = predict.validate_inputs(image=image_file, prompt="Hi", **declared)
+    request = check_inputs(image=CogPath(image_file), prompt="Hi", **declared)
     assert request.images == [("image", image_file)]
-    assert request.temperature == declared["temperature"].default
-    assert request.top_p == declared["top_p"].default
-    assert request.top_k == declared["top_k"].default
-    assert request.repetition_penalty == declared["repetition_penalty"].default
-    assert request.max_new_tokens == declared["max_length_tokens"].default
-    assert (request.seed, request.stop, request.system_prompt) == (None, (), "")
+    params = request.params
+    assert params.temperature == declared["temperature"].default
+    assert params.top_p == declared["top_p"].default
+    assert params.top_k == declared["top_k"].default
+    assert params.repetition_penalty == declared["repetition_penalty"].default
+    assert params.max_new_tokens == declared["max_length_tokens"].default
+    assert (params.seed, params.stop, request.system_prompt) == (None, (), "")
+    # Arguments left out entirely take the same defaults.
+    assert check_inputs(image=CogPath(image_file), prompt="Hi").params == params
 
 
-def first_piece(stream: Any) -> Any:
-    """The first item of predict()'s output, async (the server's path) or sync."""
-    if hasattr(stream, "__anext__"):
-        return asyncio.run(stream.__anext__())
-    return next(iter(stream))
+def first_piece(coroutine: Any) -> Any:
+    """The first item of run()'s output (a coroutine returning a generator, as the server sees it)."""
+    return next(iter(asyncio.run(coroutine)))
 
 
 @pytest.mark.parametrize(
@@ -135,21 +145,24 @@ def first_piece(stream: Any) -> Any:
 def test_predict_checks_before_touching_the_model(image_file: Path, changes: dict) -> None:
     """A Predictor without setup() has no engine: bad input must fail before it is needed."""
     predictor = predict.Predictor()
-    assert not hasattr(predictor, "engine")
+    assert not hasattr(predictor, "service")
     with pytest.raises(ValueError):
-        first_piece(predictor.predict(**valid_args(image_file, **changes)))
+        first_piece(predictor.run(**valid_args(image_file, **changes)))
 
 
 def test_predict_reaches_the_model_only_with_valid_input(image_file: Path) -> None:
-    with pytest.raises(AttributeError, match="engine"):
-        first_piece(predict.Predictor().predict(**valid_args(image_file)))
+    with pytest.raises(AttributeError, match="service"):
+        first_piece(predict.Predictor().run(**valid_args(image_file)))
 
 
 def test_unreadable_image_fails_with_the_input_name(tmp_path: Path, image_file: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not a picture")
+    from deepseek_vl2.inputs.images import load_image
+
+    request = check_inputs(**valid_args(image_file, image_2=CogPath(broken)))
     with pytest.raises(ValueError, match="image_2"):
-        first_piece(predict.Predictor().predict(**valid_args(image_file, image_2=broken)))
+        [load_image(path, name=name) for name, path in request.images]
 
 
 # ------------------------------------------------------------------------- OpenAPI schema
@@ -162,9 +175,9 @@ def predictor_schema() -> dict[str, Any]:
 
 def test_schema_inputs_match_the_predict_signature() -> None:
     inputs = predictor_schema()["components"]["schemas"]["Input"]
-    params = [p for p in inspect.signature(predict.Predictor.predict).parameters.values()
+    params = [p for p in inspect.signature(predict.Predictor.run).parameters.values()
               if p.name != "self"]
-    hints = get_type_hints(predict.Predictor.predict)
+    hints = get_type_hints(predict.Predictor.run)
     assert list(inputs["properties"]) == [p.name for p in params]
     required = []
     for order, param in enumerate(params):
@@ -182,7 +195,7 @@ def test_schema_inputs_match_the_predict_signature() -> None:
         assert prop.get("minimum") == declared.ge and prop.get("maximum") == declared.le
     assert inputs["required"] == required == ["image", "prompt"]
     images = [name for name, prop in inputs["properties"].items() if prop.get("format") == "uri"]
-    assert images == list(predict.IMAGE_INPUTS)
+    assert images == list(serving_inputs.IMAGE_INPUTS)
 
 
 def test_schema_declares_streamed_text_output() -> None:
@@ -235,7 +248,7 @@ def static_input_values(source: str) -> dict[str, dict[str, Any]]:
 
     predictor = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
     method = next(
-        n for n in predictor.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "predict"
+        n for n in predictor.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "run"
     )
     args = method.args.args[len(method.args.args) - len(method.args.defaults):]
     values = {}
@@ -276,10 +289,10 @@ def test_code_accepts_exactly_the_schema_range(image_file: Path, name: str) -> N
     low, high = prop["minimum"], prop["maximum"]
     step = 1 if prop["type"] == "integer" else 1e-6
     for value in (low, high):
-        predict.validate_inputs(**valid_args(image_file, **{name: value}))
+        check_inputs(**valid_args(image_file, **{name: value}))
     for value in (low - step, high + step):
         with pytest.raises(ValueError, match=name):
-            predict.validate_inputs(**valid_args(image_file, **{name: value}))
+            check_inputs(**valid_args(image_file, **{name: value}))
 
 
 # ---------------------------------------------------------------- cog.yaml and requirements
@@ -361,7 +374,7 @@ def test_cog_yaml_is_valid_for_cog(cog_config_schema: dict) -> None:
 @pytest.mark.parametrize(
     "breakage",
     [
-        lambda c: c.update(run=c["predict"]),  # run and predict together
+        lambda c: c.update(predict=c["run"]),  # run and predict together
         lambda c: c.update(unknown_key=1),
         lambda c: c["build"].pop("python_version"),
         lambda c: c["build"].update(gpu="yes"),
@@ -382,14 +395,18 @@ def test_cog_yaml_settings() -> None:
     assert str(build["python_version"]) == "3.11"
     assert (REPO_ROOT / build["python_requirements"]).is_file()
     assert build["sdk_version"] == version("cog")
-    module, _, class_name = config["predict"].partition(":")
+    # Cog 0.23's names: `run:` (not `predict:`), BaseRunner.run (no deprecation warnings).
+    assert "predict" not in config
+    module, _, class_name = config["run"].partition(":")
     assert (REPO_ROOT / module).is_file() and hasattr(predict, class_name)
-    # The default predictor streams one prediction at a time (a sync generator: Cog 0.23.1 sends
-    # an async generator's output only at its end); ConcurrentPredictor is the async alternative.
-    assert inspect.isgeneratorfunction(predict.Predictor.predict)
-    assert "concurrency" not in config
-    assert inspect.isasyncgenfunction(predict.ConcurrentPredictor.predict)
-    assert predict.ConcurrentPredictor.predict.__cog_concurrent_max__ == 8
+    runner = getattr(predict, class_name)
+    assert issubclass(runner, __import__("cog").BaseRunner) and "predict" not in vars(runner)
+    # One runner: a coroutine (Cog runs up to 8 at once) that returns a generator (Cog streams
+    # it item by item; an async generator would be collected first by coglet 0.23.1).
+    assert inspect.iscoroutinefunction(runner.run) and not inspect.isasyncgenfunction(runner.run)
+    assert "concurrency" not in config  # deprecated: @cog.concurrent instead
+    assert runner.run.__cog_concurrent_max__ == 8
+    assert "pget" in " ".join(build["run"])
     # The CUDA the torch wheel was built for (None on a CPU-only build of torch).
     import torch
 
@@ -441,15 +458,15 @@ def reference_checkpoint(name: str) -> Path:
 def test_cog_weights_directory_is_used_as_is(monkeypatch) -> None:
     checkpoint = reference_checkpoint("tiny")
     monkeypatch.delenv("COG_WEIGHTS", raising=False)
-    assert predict.resolve_checkpoint(str(checkpoint)) == checkpoint
+    assert weights.resolve_checkpoint(str(checkpoint)) == checkpoint
     monkeypatch.setenv("COG_WEIGHTS", str(checkpoint))
-    assert predict.resolve_checkpoint(None) == checkpoint
+    assert weights.resolve_checkpoint(None) == checkpoint
 
 
-@pytest.mark.parametrize("weights", ["https://example.com/weights.tar", "/nonexistent/dir"])
-def test_cog_weights_must_be_a_local_directory(weights: str) -> None:
-    with pytest.raises(ValueError, match="COG_WEIGHTS must be a local checkpoint directory"):
-        predict.resolve_checkpoint(weights)
+@pytest.mark.parametrize("source", ["ftp://example.com/weights.tar", "/nonexistent/dir"])
+def test_cog_weights_must_be_a_local_directory_or_a_url(source: str) -> None:
+    with pytest.raises(ValueError, match="COG_WEIGHTS must be a local checkpoint directory or an http"):
+        weights.resolve_checkpoint(source)
 
 
 def test_incomplete_checkpoint_names_what_is_missing(tmp_path: Path) -> None:
@@ -459,7 +476,7 @@ def test_incomplete_checkpoint_names_what_is_missing(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
     with pytest.raises(ValueError) as error:
-        predict.resolve_checkpoint(str(tmp_path))
+        weights.resolve_checkpoint(str(tmp_path))
     message = str(error.value)
     assert "processor_config.json" in message and "tokenizer.json" in message
     assert "model-00002-of-00002.safetensors" in message
@@ -470,14 +487,37 @@ def test_empty_weights_dir_downloads_and_fails_clearly_offline(tmp_path: Path, m
     weights = tmp_path / "weights"
     monkeypatch.delenv("COG_WEIGHTS", raising=False)
     monkeypatch.setenv("DSVL2_VARIANT", "tiny")
-    monkeypatch.setattr(predict, "DEFAULT_WEIGHTS_DIR", weights)
-    monkeypatch.setattr(predict, "download",
+    monkeypatch.setattr(download_weights, "DEFAULT_WEIGHTS_DIR", weights)
+    monkeypatch.setattr(download_weights, "download",
                         functools.partial(download_weights.download, endpoint=CLOSED_HUB))
     with pytest.raises(DownloadError) as error:
-        predict.resolve_checkpoint(None)
+        download_weights.resolve_checkpoint(None)
     message = str(error.value)
     assert "deepseek-ai/deepseek-vl2-tiny" in message and "could not be reached" in message
     assert str(weights) in message and "COG_WEIGHTS" in message
+
+
+def test_unreachable_hub_is_one_clear_message_even_with_some_files(tmp_path: Path, monkeypatch) -> None:
+    """weights/ holding config.json already, Hub unreachable: the same message at once, not
+    "download finished but ... still lacks" after a long retry."""
+    dest = tmp_path / "weights"
+    dest.mkdir()
+    (dest / "config.json").write_text("{}")
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as error:
+        download_weights.download("tiny", dest, endpoint=CLOSED_HUB)
+    assert "could not be reached" in str(error.value) and "lacks" not in str(error.value)
+    assert time.monotonic() - started < 30
+
+
+def test_serve_plan_refuses_an_empty_weights_dir_without_a_variant(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("COG_WEIGHTS", raising=False)
+    monkeypatch.delenv("DSVL2_VARIANT", raising=False)
+    fine, line = download_weights.serve_plan(tmp_path)
+    assert not fine and "DSVL2_VARIANT=tiny|small|base" in line and "about 55 GB" in line
+    monkeypatch.setenv("DSVL2_VARIANT", "tiny")
+    fine, line = download_weights.serve_plan(tmp_path)
+    assert fine and "deepseek-ai/deepseek-vl2-tiny (about 7 GB)" in line
 
 
 def test_count_parameters_reads_the_safetensors_headers() -> None:
@@ -485,28 +525,28 @@ def test_count_parameters_reads_the_safetensors_headers() -> None:
 
     checkpoint = reference_checkpoint("tiny")
     tensors = load_file(checkpoint / "model.safetensors")
-    assert predict.count_parameters(checkpoint) == sum(t.numel() for t in tensors.values())
+    assert weights.count_parameters(checkpoint) == sum(t.numel() for t in tensors.values())
 
 
 def test_gpu_memory_estimate_covers_bf16_weights() -> None:
     for variant in download_weights.VARIANTS.values():
         n_params = variant.billion_params * 1e9
-        needed = predict.gpu_bytes_needed(n_params)
+        needed = weights.gpu_bytes_needed(n_params)
         assert 2 * n_params < needed < 2 * n_params * 1.5 + 4e9
 
 
 def test_gpu_check_names_the_largest_variant_that_fits() -> None:
     variants = download_weights.VARIANTS
     base = variants["base"].billion_params * 1e9
-    predict.check_gpu_memory(int(base), 80 * 1024**3, "deepseek-vl2")  # an 80 GB card: fine
+    weights.check_gpu_memory(int(base), 80 * 1024**3, "deepseek-vl2")  # an 80 GB card: fine
     with pytest.raises(RuntimeError) as error:
-        predict.check_gpu_memory(int(base), 45 * 10**9, "deepseek-vl2")
+        weights.check_gpu_memory(int(base), 45 * 10**9, "deepseek-vl2")
     assert variants["small"].repo_id in str(error.value) and "45.0 GB" in str(error.value)
     with pytest.raises(RuntimeError) as error:
-        predict.check_gpu_memory(int(base), 12 * 10**9, "deepseek-vl2")
+        weights.check_gpu_memory(int(base), 12 * 10**9, "deepseek-vl2")
     assert variants["tiny"].repo_id in str(error.value)
     with pytest.raises(RuntimeError, match="No DeepSeek-VL2 variant fits"):
-        predict.check_gpu_memory(int(base), 4 * 10**9, "deepseek-vl2")
+        weights.check_gpu_memory(int(base), 4 * 10**9, "deepseek-vl2")
 
 
 # ------------------------------------------------------------------------ weight download
@@ -690,13 +730,13 @@ def test_http_setup_reports_an_unusable_checkpoint(tmp_path: Path) -> None:
     assert "lacks" in health["setup"]["logs"] and "processor_config.json" in health["setup"]["logs"]
 
 
-def test_both_predictors_take_the_same_inputs() -> None:
-    """ConcurrentPredictor repeats Predictor's inputs (cog build reads each signature)."""
-    def described(method) -> list[tuple]:
-        return [(name, param.annotation, repr(param.default))
-                for name, param in inspect.signature(method).parameters.items()]
+def test_predict_py_holds_one_runner() -> None:
+    """One runner serves every mode (streaming, batching, cancel): no second class to choose."""
+    import cog
 
-    assert described(predict.ConcurrentPredictor.predict) == described(predict.Predictor.predict)
+    runners = [v for v in vars(predict).values()
+               if isinstance(v, type) and issubclass(v, cog.BaseRunner) and v is not cog.BaseRunner]
+    assert runners == [predict.Predictor]
 
 
 def test_http_stream_arrives_while_generating(server) -> None:

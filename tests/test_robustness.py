@@ -4,7 +4,7 @@ Each case is checked for its outcome (a good answer, or a `failed` prediction wh
 says what to change), and a valid prediction right after it must give the same answer it gave
 before (`assert_still_serving`). README.md is the table these tests back.
 
-Most tests talk to Cog's real HTTP server (tests/cog_server.py) running a copy of predict.py
+Most tests talk to Cog's real HTTP server (scripts/cog_server.py) running a copy of predict.py
 on a small random checkpoint. The copy is predict.py verbatim plus a test-only fault injector
 appended at the end (`FAULT_INJECTION`): a prompt containing ``[fault:<stage>-<kind>]`` makes
 the engine raise in that stage (``prefill`` / ``decode``) with that kind of error (``oom``:
@@ -37,7 +37,10 @@ import yaml
 from PIL import Image
 
 import predict
-from cog_server import CogServer, cog_server, data_uri, parse_sse
+from cog import Path as CogPath
+from deepseek_vl2.serving import errors as serving_errors
+from deepseek_vl2.serving import inputs as serving_inputs
+from scripts.cog_server import CogServer, cog_server, data_uri, parse_sse
 from deepseek_vl2.inputs.chat_template import ASSISTANT_ROLE, USER_ROLE, format_user_turn, user_turn_segments
 from deepseek_vl2.engine.generation import ContextLengthError, Generator
 from deepseek_vl2.inputs.processor import (
@@ -113,8 +116,8 @@ def container_env() -> dict[str, str]:
     COG_MAX_CONCURRENCY from `concurrency.max` (only an async predict may have more than one)."""
     config = yaml.safe_load((REPO_ROOT / "cog.yaml").read_text(encoding="utf-8"))
     env = dict(entry.split("=", 1) for entry in config.get("environment") or [])
-    slots = (config.get("concurrency") or {}).get("max")
-    method = predict.Predictor.predict
+    method = predict.Predictor.run
+    slots = getattr(method, "__cog_concurrent_max__", None)  # what `cog build` makes of it
     if slots and (inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method)):
         env["COG_MAX_CONCURRENCY"] = str(slots)
     return env
@@ -144,9 +147,9 @@ def server(checkpoint: Path, tmp_path_factory) -> CogServer:
 
 @pytest.fixture(scope="module")
 def concurrent_server(checkpoint: Path, tmp_path_factory) -> CogServer:
-    """ConcurrentPredictor serving two predictions at once."""
+    """The same runner serving two predictions at once."""
     env = {**container_env(), "COG_MAX_CONCURRENCY": "2"}
-    with cog_server(f"{faulty_predictor(tmp_path_factory)}:ConcurrentPredictor", weights=checkpoint,
+    with cog_server(f"{faulty_predictor(tmp_path_factory)}:Predictor", weights=checkpoint,
                     env=env) as running:
         yield running
 
@@ -269,18 +272,7 @@ def failure(body: dict) -> str:
 
 def worker_pid(server: CogServer) -> int:
     """The pid of the Python worker that runs the predictor (a child of the server)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == server.process.pid and b"coglet" in cmdline:
-            return int(entry.name)
-    raise AssertionError("no coglet worker process found under the server")
+    return server.worker_pid()
 
 
 def memory_kib(pid: int, field: str) -> int:
@@ -482,7 +474,7 @@ def test_grounding_prompt_keeps_its_tags(server, image_dir, processor) -> None:
 
 def test_very_long_prompt_is_refused_before_tokenizing(server, image_dir, baseline) -> None:
     message = failure(server.predict(valid_request(image_dir, prompt="x" * 150_000))[1])
-    assert f"prompt is 150000 characters long; at most {predict.MAX_TEXT_CHARS}" in message
+    assert f"prompt is 150000 characters long; at most {serving_inputs.MAX_TEXT_CHARS}" in message
     assert_still_serving(server, image_dir, baseline)
 
 
@@ -523,8 +515,13 @@ def test_lone_surrogate_in_json_gets_400(server, image_dir, baseline) -> None:
     assert_still_serving(server, image_dir, baseline)
 
 
+def check_inputs(**arguments: Any):
+    """validate_inputs against predict.py's declarations, as run() calls it."""
+    return serving_inputs.validate_inputs(arguments, predict.DECLARED)
+
+
 def direct_args(image: Path, **changes: Any) -> dict[str, Any]:
-    args = dict(image=image, prompt="What is this?", image_2=None, image_3=None, image_4=None,
+    args = dict(image=CogPath(image), prompt="What is this?", image_2=None, image_3=None, image_4=None,
                 system_prompt=None, temperature=0.1, top_p=0.9, top_k=0, repetition_penalty=1.1,
                 max_length_tokens=16, stop_sequences=None, seed=None)
     args.update(changes)
@@ -540,7 +537,7 @@ def direct_args(image: Path, **changes: Any) -> dict[str, Any]:
 )
 def test_direct_call_refuses_non_finite_numbers(image_dir, name: str, value: float) -> None:
     with pytest.raises(ValueError, match=name):
-        predict.validate_inputs(**direct_args(image_dir / "ok.png", **{name: value}))
+        check_inputs(**direct_args(image_dir / "ok.png", **{name: value}))
 
 
 # ---------------------------------------------------------------- lifecycle, end to end
@@ -581,8 +578,7 @@ def test_failure_beside_a_good_prediction_leaves_it_correct(concurrent_server, i
 
 
 def test_two_predictions_sent_at_once_are_both_answered(server, concurrent_server, image_dir, baseline) -> None:
-    """ConcurrentPredictor runs both; the default (one at a time) answers the second with Cog's
-    409 "at capacity" and serves it once the first is done."""
+    """Both servers (2 slots, and the shipped 8) run both at once."""
     requests_ = [valid_request(image_dir), valid_request(image_dir, seed=3, temperature=0.7)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         both = list(pool.map(concurrent_server.predict, requests_))
@@ -887,25 +883,25 @@ def test_budget_shrinks_the_answer_and_logs_it(generator: Generator, caplog) -> 
 
 
 def test_clean_text_keeps_text_and_drops_controls() -> None:
-    assert predict.clean_text("a\x00b\x07c\x1b[1md\x7fe\x85f\x9fg") == "abc[1mdefg"
-    assert predict.clean_text("line\r\nnext\rlast\ttab\n") == "line\nnext\nlast\ttab\n"
+    assert serving_inputs.clean_text("a\x00b\x07c\x1b[1md\x7fe\x85f\x9fg") == "abc[1mdefg"
+    assert serving_inputs.clean_text("line\r\nnext\rlast\ttab\n") == "line\nnext\nlast\ttab\n"
     kept = "中文 🙂👨‍👩‍👧 مرحبا \u200f<|ref|>x<|/ref|> " + EOS
-    assert predict.clean_text(kept) == kept
-    assert predict.clean_text("bad \ud800 half") == "bad \ufffd half"
+    assert serving_inputs.clean_text(kept) == kept
+    assert serving_inputs.clean_text("bad \ud800 half") == "bad \ufffd half"
 
 
 def test_validate_inputs_cleans_prompt_and_system_prompt(image_dir) -> None:
-    request = predict.validate_inputs(**direct_args(image_dir / "ok.png", prompt="Hi\x00!\r\n",
+    request = check_inputs(**direct_args(image_dir / "ok.png", prompt="Hi\x00!\r\n",
                                                     system_prompt="\x01Be brief.\x02"))
     assert (request.prompt, request.system_prompt) == ("Hi!\n", "Be brief.")
     with pytest.raises(ValueError, match="prompt must not be empty"):
-        predict.validate_inputs(**direct_args(image_dir / "ok.png", prompt="\x00\x1b"))
+        check_inputs(**direct_args(image_dir / "ok.png", prompt="\x00\x1b"))
 
 
 @pytest.mark.parametrize("name", ["prompt", "system_prompt"])
 def test_validate_inputs_refuses_huge_text(image_dir, name: str) -> None:
     with pytest.raises(ValueError, match=f"{name} is 100001 characters long"):
-        predict.validate_inputs(**direct_args(image_dir / "ok.png", **{name: "a" * 100_001}))
+        check_inputs(**direct_args(image_dir / "ok.png", **{name: "a" * 100_001}))
 
 
 def raise_oom_holding(tensor_size: int) -> weakref.ref:
@@ -925,9 +921,9 @@ def test_out_of_memory_becomes_a_clear_message_and_frees_memory(monkeypatch) -> 
         raise_oom_holding(1000)
     except torch.OutOfMemoryError as error:
         held = error.held
-        friendly = predict.user_facing_error(error)
+        friendly = serving_errors.user_facing_error(error)
     assert isinstance(friendly, RuntimeError) and friendly.__cause__ is not None
-    assert str(friendly) == predict.GPU_OUT_OF_MEMORY_MESSAGE
+    assert str(friendly) == serving_errors.GPU_OUT_OF_MEMORY_MESSAGE
     assert "fewer or smaller images" in str(friendly) and "max_length_tokens" in str(friendly)
     assert emptied == [True]
     gc.collect()
@@ -941,19 +937,19 @@ def test_out_of_memory_wrapped_by_another_error_is_recognised() -> None:
         except torch.OutOfMemoryError:
             raise RuntimeError("generation failed")
     except RuntimeError as error:
-        assert str(predict.user_facing_error(error)) == predict.GPU_OUT_OF_MEMORY_MESSAGE
+        assert str(serving_errors.user_facing_error(error)) == serving_errors.GPU_OUT_OF_MEMORY_MESSAGE
 
 
 @pytest.mark.parametrize(
     "error, expected",
-    [(MemoryError(), predict.HOST_OUT_OF_MEMORY_MESSAGE),
+    [(MemoryError(), serving_errors.HOST_OUT_OF_MEMORY_MESSAGE),
      (RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate "
-                   "memory: you tried to allocate 9000000000 bytes."), predict.HOST_OUT_OF_MEMORY_MESSAGE),
-     (RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"), predict.GPU_OUT_OF_MEMORY_MESSAGE),
+                   "memory: you tried to allocate 9000000000 bytes."), serving_errors.HOST_OUT_OF_MEMORY_MESSAGE),
+     (RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"), serving_errors.GPU_OUT_OF_MEMORY_MESSAGE),
      (AssertionError(), "internal error (AssertionError) while generating")],
 )
 def test_failures_get_messages_for_users(error: Exception, expected: str) -> None:
-    friendly = predict.user_facing_error(error)
+    friendly = serving_errors.user_facing_error(error)
     assert expected in str(friendly) and friendly.__cause__ is error
 
 
@@ -961,4 +957,4 @@ def test_failures_get_messages_for_users(error: Exception, expected: str) -> Non
                                    ContextLengthError("the prompt needs 5000 tokens"),
                                    RuntimeError("something specific went wrong")])
 def test_clear_errors_pass_through_unchanged(error: Exception) -> None:
-    assert predict.user_facing_error(error) is error
+    assert serving_errors.user_facing_error(error) is error

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 # Positive temperatures below this are rejected: logits / t would overflow float32.
 MIN_TEMPERATURE = 1e-5
-# Seeds are accepted in [0, 2**64) (torch.Generator's range); drawn seeds are in [0, 2**32).
-MAX_SEED = 2**64 - 1
+# Seeds: one range for given and drawn seeds, [0, 2**32 - 1], so every logged seed can be given
+# back (torch.Generator would take up to 2**64 - 1; Cog's schema holds integers exactly to 2**53).
+MAX_SEED = 2**32 - 1
 _DRAWN_SEED_BITS = 32
 
 
@@ -52,7 +53,7 @@ class SamplingParams:
     top_k: keep the k highest logits (ties with the k-th kept); 0 disables it.
     repetition_penalty: HF rule on every id of the prompt or generated so far; 1 disables it.
     max_new_tokens: upper bound on generated tokens (the engine may lower it to fit the context).
-    seed: None draws a fresh random seed (see `resolve_seed`); otherwise an int in [0, 2**64).
+    seed: None draws a fresh random seed (see `resolve_seed`); otherwise an int in [0, MAX_SEED].
     stop: strings that end generation; the text is cut before the first one to complete.
     penalize_greedy: apply the repetition penalty to greedy rows too (HF `do_sample=False`).
     """
@@ -65,6 +66,8 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: Sequence[str] = ()
     penalize_greedy: bool = False
+    # Values validate() last accepted (so the engine's own check does not run the rules twice).
+    _validated: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # A bare string is one stop string, not a sequence of one-character stops.
@@ -80,32 +83,49 @@ class SamplingParams:
         """True when temperature is 0: pick the most likely token, no randomness."""
         return self.temperature == 0
 
-    def validate(self) -> "SamplingParams":
-        """Raise ValueError naming the first out-of-range field; return self when all are valid."""
+    def validate(
+        self, limits: Optional[Mapping[str, tuple[float, float]]] = None,
+        names: Optional[Mapping[str, str]] = None,
+    ) -> "SamplingParams":
+        """Raise ValueError naming the first invalid field; return self when all are valid.
+
+        Checks the engine's domain (types, finiteness, temperature 0 or >= MIN_TEMPERATURE, seed
+        in [0, MAX_SEED], ...) and, when given, ``limits``: field -> (low, high), inclusive (a
+        server's narrower input ranges). ``names`` maps field names to the names the caller's
+        users know (``max_new_tokens`` -> ``max_length_tokens``). The check runs once: calling
+        validate() again on unchanged values without new limits returns at once.
+        """
+        state = self._state()
+        if limits is None and self._validated == state:
+            return self
+        name = (lambda field: (names or {}).get(field, field))
         t = self.temperature
         if not _is_real_number(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+            raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {t!r}")
         if 0 < t < MIN_TEMPERATURE:
             raise ValueError(
-                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {t!r}"
+                f"{name('temperature')} must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {t!r}"
             )
         p = self.top_p
         if not _is_real_number(p) or not math.isfinite(p) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
+            raise ValueError(f"{name('top_p')} must be in (0, 1] (1 = off), got {p!r}")
         if not _is_integer(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise ValueError(f"{name('top_k')} must be an integer >= 0 (0 = off), got {self.top_k!r}")
         r = self.repetition_penalty
         if not _is_real_number(r) or not math.isfinite(r) or r <= 0:
             raise ValueError(
-                f"repetition_penalty must be a finite number > 0 (1 = off), got {r!r}"
+                f"{name('repetition_penalty')} must be a finite number > 0 (1 = off), got {r!r}"
             )
         if not _is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise ValueError(
+                f"{name('max_new_tokens')} must be an integer >= 1, got {self.max_new_tokens!r}"
+            )
         if self.seed is not None and (
             not _is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED
         ):
             raise ValueError(
-                f"seed must be None (random) or an integer in [0, 2**64 - 1], got {self.seed!r}"
+                f"{name('seed')} must be empty (random) or an integer in [0, {MAX_SEED}], "
+                f"got {self.seed!r}"
             )
         if not isinstance(self.stop, tuple) or not all(
             isinstance(s, str) and s for s in self.stop
@@ -113,7 +133,16 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not isinstance(self.penalize_greedy, bool):
             raise ValueError(f"penalize_greedy must be a bool, got {self.penalize_greedy!r}")
+        for field_name, (low, high) in (limits or {}).items():
+            value = getattr(self, field_name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"{name(field_name)} must be between {low} and {high}, got {value!r}")
+        self._validated = state
         return self
+
+    def _state(self) -> tuple:
+        return (self.temperature, self.top_p, self.top_k, self.repetition_penalty,
+                self.max_new_tokens, self.seed, self.stop, self.penalize_greedy)
 
 
 # ----------------------------------------------------------------------------- seeds, masks

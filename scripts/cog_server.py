@@ -166,6 +166,27 @@ class CogServer:
         url = f"{self.base_url}/predictions/{prediction_id}/cancel"
         return requests.post(url, timeout=10).status_code
 
+    def worker_pid(self) -> int:
+        """The pid of the Python worker that runs the predictor (a child of the server)."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid and b"coglet" in cmdline:
+                return int(entry.name)
+        raise CogServerError("no worker process found")
+
+    def worker_rss_mib(self) -> float:
+        """The worker's resident memory now (VmRSS), in MiB (Linux /proc)."""
+        for line in Path(f"/proc/{self.worker_pid()}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise CogServerError("VmRSS missing from /proc status")
+
     def wait_until_busy(self, timeout: float = 60) -> None:
         """Wait until the server reports a prediction running (health status BUSY)."""
         deadline = time.monotonic() + timeout
