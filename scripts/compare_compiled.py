@@ -1,7 +1,7 @@
 """Eager against compiled decode of one model, alternating runs in one process.
 
     .venv/bin/python scripts/compare_compiled.py CHECKPOINT [--tokens 64] [--rounds 3]
-        [--threads 2] [--dtype bfloat16] [--device cpu]
+        [--threads 2] [--dtype bfloat16] [--device cpu] [--no-image]
 
 Both generators share the loaded weights; the compiled one is warmed up first (the seconds are
 printed). Each round generates ``--tokens`` greedy tokens with ``ignore_eos`` for a 300×200 image
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-image", action="store_true", help="a text-only prompt (short prefill)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     max_len = 1024
     runs = {"eager": Generator(model, processor, compile=False, max_len=max_len),
             "compiled": Generator(model, processor, compile=True, max_len=max_len)}
-    inputs = runs["eager"].prepare("Describe this <image> in detail.", [Image.new("RGB", (300, 200), (120, 30, 200))])
+    image = [] if args.no_image else [Image.new("RGB", (300, 200), (120, 30, 200))]
+    inputs = runs["eager"].prepare("Describe this <image> in detail." if image else "Describe a cat in detail.", image)
     prompt = int(inputs.input_ids.numel())
     started = time.perf_counter()
     runs["compiled"].warmup(rows=[1], kv_lens=[-(-(prompt + args.tokens + 1) // 256) * 256], modes=["greedy"])
