@@ -129,9 +129,16 @@ def _full_forward_cached(root: str, config: str, case: str):
         embeds = gen.model.embed_inputs(
             inputs.input_ids, inputs.images, inputs.images_seq_mask, inputs.images_spatial_crop
         )
-        hidden: list[torch.Tensor] = []
+        hidden: list[torch.Tensor] = []  # each layer's input (HF output_hidden_states), then the final norm's output
+        hooks = [layer.register_forward_pre_hook(lambda _module, args: hidden.append(args[0]))
+                 for layer in gen.model.language.model.layers]
         positions = torch.arange(embeds.shape[0]).unsqueeze(0)
-        final = gen.model.language.hidden_states(embeds.unsqueeze(0), positions, collect=hidden)
+        try:
+            final = gen.model.language.hidden_states(embeds.unsqueeze(0), positions)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        hidden.append(final)
         logits = gen.model.language.logits(final)[0]
     return embeds, [h[0] for h in hidden], logits
 
