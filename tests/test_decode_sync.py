@@ -39,23 +39,37 @@ def generator(request, tmp_path_factory) -> Generator:
 
 @pytest.mark.parametrize("batch", [1, 6])  # 6 × top-k exceeds the 8 experts: the dense expert path
 def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int) -> None:
-    cache = generator.model.new_cache(batch, 64)
+    generator.reserve(batch, 64)
     params = [SamplingParams(temperature=0.7 if b % 2 else 0.0, top_k=5, seed=b) for b in range(batch)]
     seqs = []
     for b in range(batch):
-        seq = generator.new_sequence(generator.prepare(f"Hello number {b}", []), params[b], slot=b)
-        generator.prefill(seq, cache)
+        seq = generator.new_sequence(generator.prepare(f"Hello number {b}", []), params[b], slot=generator.engine.acquire())
+        generator.prefill(seq)
         generator.sample([seq], seq.next_logits.unsqueeze(0))
         seqs.append(seq)
-    seen = torch.cat([s.seen for s in seqs])
+    try:
+        recorder = OpRecorder()
+        with recorder:
+            tokens, logits = generator.decode_step(seqs)  # rows written, uniforms drawn, step run
+            again, _ = generator.decode_step(seqs)
+        assert tokens.shape[0] >= batch and logits.shape[0] == tokens.shape[0]
+        assert len(recorder.ops) > 50, "the recorder must see the step's ops"
+        syncing = sorted({op for op in recorder.ops if any(name in op for name in SYNCING_OPS)})
+        assert not syncing, f"host-synchronising ops in the decode step: {syncing}"
+    finally:
+        for seq in seqs:
+            generator.engine.release(seq.slot)
+
+
+def test_first_token_sampling_does_not_sync(generator: Generator) -> None:
+    seq = generator.new_sequence(generator.prepare("Hello", []), SamplingParams(temperature=0.7, top_p=0.8, seed=1))
+    logits = torch.randn(2, generator.model.config.language.vocab_size)
+    seen = torch.cat([seq.seen, seq.seen])
     recorder = OpRecorder()
     with recorder:
-        logits = generator.decode_logits(seqs, cache)
-        tokens = sample_next(logits, seen, params, [s.generator for s in seqs])
-    assert tokens.shape == (batch,)
-    assert len(recorder.ops) > 50, "the recorder must see the step's ops"
+        sample_next(logits, seen, [seq.params, SamplingParams(temperature=0.0)], [seq.generator, None])
     syncing = sorted({op for op in recorder.ops if any(name in op for name in SYNCING_OPS)})
-    assert not syncing, f"host-synchronising ops in the decode step: {syncing}"
+    assert not syncing, f"host-synchronising ops in sampling: {syncing}"
 
 
 def test_recorder_catches_a_sync() -> None:

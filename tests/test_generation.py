@@ -142,7 +142,7 @@ def test_scheduler_cancel_frees_slot_and_failure_is_isolated(generator: Generato
         with pytest.raises(ValueError, match="image positions"):
             list(broken)
         assert "".join(fine) is not None and len(fine.seq.tokens) >= 1
-        assert scheduler.active == 0 and sorted(scheduler._free_slots) == [0, 1]
+        assert scheduler.active == 0 and sorted(generator.engine.free_slots) == list(range(generator.engine.slots))
     finally:
         scheduler.close()
 

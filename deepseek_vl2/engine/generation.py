@@ -1,18 +1,35 @@
-"""Generation: chunked prefill into a slot of the KV cache, then a cached decode loop.
+"""Generation: chunked prefill into a slot of the persistent decode state, then decode steps.
 
-The pieces are shared by the single-request path (:meth:`Generator.stream`) and the batching
-scheduler (``scheduler.py``): a :class:`Sequence` is one request's state (its slot, length,
-seen-token mask, random generator and text streamer); :meth:`Generator.prefill` fills its slot;
-:meth:`Generator.decode_logits` runs one batched decode step for any set of sequences.
+Interface (predict.py, the scheduler and the benchmark code against it)::
 
-One decode step is: embed the last tokens [B, 1] → every layer (attention over the slot's cache
-up to a host-known kv_len, MoE with gathered expert weights) → logits [B, V] → sampling on the
-device. Nothing inside the step reads a tensor value on the host; the only synchronisation per
-step is reading the sampled ids once, to stream their text.
+    Generator.load(checkpoint_dir, device=None, dtype=None, prefill_chunk=512, *,
+                   compile=None, max_batch=1, max_len=None, config=None, weight_files=None)
+
+* ``compile``: None → the environment variable ``DSVL2_COMPILE`` ("0" eager, "1" compiled) when
+  set, else compiled on CUDA and eager on CPU. Compiled = ``torch.compile(fullgraph=True)`` of
+  the decode step, replayed as CUDA graphs on CUDA (``engine/decode.py``).
+* ``max_batch`` × ``max_len``: the persistent decode state (KV cache and every buffer a decode
+  step touches), allocated here, once: ``max_batch`` requests at a time of up to ``max_len``
+  tokens each (default: the model's context). A :class:`~.scheduler.BatchScheduler` needing
+  more slots grows it once, when it is built.
+* ``config`` / ``weight_files``: an already-parsed config and the checkpoint's safetensors
+  files, so that setup reads ``config.json`` and the file headers once.
+
+:meth:`Generator.warmup` compiles (and captures) the decode buckets and returns their seconds;
+:meth:`Generator.stream` generates one request; :meth:`Generator.generate_ids` and
+:meth:`Generator.generate_with_logits` return its ids (and per-step logits).
+
+The pieces are shared by the single-request path and the batching scheduler: a
+:class:`Sequence` is one request's state (slot, length, random generator, text streamer);
+:meth:`Generator.prefill_step` fills its slot of the KV cache; :meth:`Generator.sample` picks
+the first token from the prefill logits; :meth:`Generator.decode` runs one decode step (any set
+of sequences together) and reads the new token ids, the only host read of the step.
+:meth:`Generator.decode_logits` is the eager reference path over a caller-owned cache.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +38,12 @@ from typing import Iterator, Optional, Sequence as Seq
 import torch
 from PIL import Image
 
+from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs, build_conversation
 from deepseek_vl2.model.checkpoint import load_model
+from deepseek_vl2.model.config import DeepseekVL2Config
 from deepseek_vl2.model.kv_cache import KVCache
 from deepseek_vl2.model.multimodal import DeepseekVL2
-from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs, build_conversation
+from .decode import DecodeEngine
 from .sampling import SamplingParams, make_generator, make_seen_mask, sample_next, update_seen
 from .streaming import TextStreamer, hidden_special_ids
 
@@ -32,10 +51,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 512
 KV_LEN_BUCKET = 256
+COMPILE_ENV = "DSVL2_COMPILE"
 
 
 class ContextLengthError(ValueError):
-    """The prompt does not fit the model's context window."""
+    """The prompt does not fit the model's context window (or the server's per-request cache)."""
+
+
+def resolve_compile(compile: Optional[bool], device: torch.device) -> bool:
+    """Whether to compile the decode step: ``compile`` if given, else $DSVL2_COMPILE, else CUDA only."""
+    if compile is not None:
+        return bool(compile)
+    value = os.environ.get(COMPILE_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{COMPILE_ENV} must be 0 (eager) or 1 (compiled), got {value!r}")
+    return value == "1" if value else device.type == "cuda"
 
 
 @dataclass
@@ -65,7 +95,7 @@ class Sequence:
     params: SamplingParams
     slot: int
     max_new_tokens: int
-    seen: torch.Tensor  # [1, V] bool
+    seen: torch.Tensor  # [1, V] bool until the first decode step (then the decode state's row holds it)
     generator: torch.Generator
     streamer: TextStreamer
     stats: GenerationStats
@@ -75,6 +105,7 @@ class Sequence:
     embeds: Optional[torch.Tensor] = None  # [1, T, D] while prefilling
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
+    row_started: bool = False  # its row of the decode state is written
 
     @property
     def last_token(self) -> int:
@@ -82,37 +113,61 @@ class Sequence:
 
 
 class Generator:
-    """DeepSeek-VL2 model + processor, with chunked prefill, cached decode and streaming."""
+    """DeepSeek-VL2 model + processor, with chunked prefill, a persistent decode state and streaming."""
 
-    def __init__(self, model: DeepseekVL2, processor: DeepseekVL2Processor, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+    def __init__(self, model: DeepseekVL2, processor: DeepseekVL2Processor, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 *, compile: Optional[bool] = None, max_batch: int = 1, max_len: Optional[int] = None) -> None:
         self.model = model
         self.processor = processor
         self.prefill_chunk = prefill_chunk
-        self.kv_bucket = KV_LEN_BUCKET
         self.last_stats = GenerationStats()
         self.last_tokens: list[int] = []
         self.hidden_token_ids = hidden_special_ids(processor.tokenizer)  # grounding tags stay visible
+        self.engine = DecodeEngine(model, max_batch, max_len or self.context_length,
+                                   resolve_compile(compile, model.device), KV_LEN_BUCKET)
 
     @classmethod
     def load(
-        cls, checkpoint_dir: str | Path, device=None, dtype: Optional[torch.dtype] = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+        cls, checkpoint_dir: str | Path, device=None, dtype: Optional[torch.dtype] = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK, *, compile: Optional[bool] = None, max_batch: int = 1,
+        max_len: Optional[int] = None, config: Optional[DeepseekVL2Config] = None,
+        weight_files: Optional[Seq[Path]] = None,
     ) -> "Generator":
-        """Load model and processor from an official checkpoint directory."""
-        model = load_model(checkpoint_dir, device=device, dtype=dtype)
+        """Load model and processor from an official checkpoint directory (arguments: module docstring)."""
+        model = load_model(checkpoint_dir, device=device, dtype=dtype, config=config, files=weight_files)
         processor = DeepseekVL2Processor.from_pretrained(checkpoint_dir)
-        return cls(model, processor, prefill_chunk)
-
-    @property
-    def variant(self) -> str:
-        return self.model.config.variant
+        return cls(model, processor, prefill_chunk, compile=compile, max_batch=max_batch, max_len=max_len)
 
     @property
     def context_length(self) -> int:
         return self.model.config.language.max_position_embeddings
 
     @property
+    def token_limit(self) -> int:
+        """Most tokens (prompt + answer) one request may hold: the context or the decode state's length."""
+        return min(self.context_length, self.engine.max_len)
+
+    @property
     def eos_id(self) -> int:
         return self.processor.eos_id
+
+    @property
+    def kv_bucket(self) -> int:
+        """Decode steps attend over the cache rounded up to a multiple of this (shared shapes)."""
+        return self.engine.kv_bucket
+
+    @kv_bucket.setter
+    def kv_bucket(self, value: int) -> None:
+        self.engine.kv_bucket = value
+
+    def reserve(self, max_batch: int, max_len: int) -> None:
+        """Grow the persistent decode state to at least ``max_batch`` slots of ``max_len`` tokens (setup time)."""
+        self.engine.reserve(max_batch, max_len)
+
+    def warmup(self, rows: Optional[Seq[int]] = None, kv_lens: Optional[Seq[int]] = None,
+               modes: Seq[str] = ("greedy", "full"), max_seconds: Optional[float] = None) -> dict[str, float]:
+        """Compile (and on CUDA capture) the decode step's buckets; seconds per bucket (see DecodeEngine.warmup)."""
+        return self.engine.warmup(rows, kv_lens, modes, max_seconds)
 
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, prompt: str, images: Seq[Image.Image], system_prompt: str = "") -> ProcessedInputs:
@@ -125,30 +180,41 @@ class Generator:
         conversation = build_conversation(prompt, len(images), self.processor.image_token)
         inputs = self.processor.process(conversation, list(images), system_prompt, system_prompt_in_tokens=True,
                                         user_text_specials="structural")
-        overflow = self.processor.context_overflow(inputs, self.context_length)
-        if overflow:
-            raise ContextLengthError(overflow)
+        self.budget(int(inputs.input_ids.numel()), 1, inputs=inputs)
         return inputs
 
-    def budget(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        """New tokens that fit after the prompt; raises ContextLengthError when the prompt alone does not fit."""
-        room = self.context_length - prompt_tokens
-        if room < 1:
-            raise ContextLengthError(
-                f"the prompt needs {prompt_tokens} tokens (text and image tiles) but the model's context holds "
-                f"{self.context_length}, leaving no room for an answer: use fewer or smaller images, or a shorter prompt"
-            )
-        return min(max_new_tokens, room)
+    def budget(self, prompt_tokens: int, max_new_tokens: int, *, limit: Optional[int] = None,
+               inputs: Optional[ProcessedInputs] = None) -> int:
+        """New tokens that fit after the prompt — the one context-fit rule of the project.
+
+        The request may hold ``min(context, decode state length, limit)`` tokens. Raises
+        ContextLengthError (with the token counts; per image when ``inputs`` are given) when the
+        prompt alone leaves no room for one new token.
+        """
+        holds = self._holds(limit)
+        room = holds - prompt_tokens
+        if room >= 1:
+            return min(max_new_tokens, room)
+        where = "the model's context" if holds == self.context_length else "this server's cache for one request"
+        parts = self.processor.token_parts(inputs) if inputs is not None else "text and image tiles"
+        raise ContextLengthError(
+            f"the prompt needs {prompt_tokens} tokens ({parts}) but {where} holds {holds}, leaving no room for an "
+            f"answer. {self.processor.image_token_advice()} Use fewer or smaller images, or a shorter prompt."
+        )
+
+    def _holds(self, limit: Optional[int]) -> int:
+        return self.token_limit if limit is None else min(limit, self.token_limit)
 
     # ----------------------------------------------------------------------------- steps
-    def new_sequence(self, inputs: ProcessedInputs, params: SamplingParams, slot: int = 0) -> Sequence:
-        """Validate and set up a request's state (no model work yet)."""
+    def new_sequence(self, inputs: ProcessedInputs, params: SamplingParams, slot: int = 0,
+                     limit: Optional[int] = None) -> Sequence:
+        """Validate and set up a request's state (no model work yet; ``slot`` -1: not assigned yet)."""
         params.validate()
         prompt_tokens = int(inputs.input_ids.numel())
-        max_new = self.budget(prompt_tokens, params.max_new_tokens)
+        max_new = self.budget(prompt_tokens, params.max_new_tokens, limit=limit, inputs=inputs)
         if max_new < params.max_new_tokens:
             log.info("max_length_tokens lowered from %d to %d to fit the %d-token context",
-                     params.max_new_tokens, max_new, self.context_length)
+                     params.max_new_tokens, max_new, self._holds(limit))
         device = self.model.device
         vocab = self.model.config.language.vocab_size
         generator, seed = make_generator(params.seed, device)
@@ -158,12 +224,16 @@ class Generator:
         return Sequence(inputs, params, slot, max_new, seen, generator, streamer, stats)
 
     @torch.inference_mode()
-    def prefill_step(self, seq: Sequence, cache: KVCache, chunk: Optional[int] = None) -> bool:
+    def prefill_step(self, seq: Sequence, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> bool:
         """Write the next chunk of the prompt into ``seq``'s cache slot; True once the prompt is in.
 
-        The first call embeds the prompt (vision tower over all tiles); the last sets ``seq.next_logits``.
+        ``cache`` defaults to the persistent decode state's. The first call embeds the prompt
+        (vision tower over all tiles in one batch); the last sets ``seq.next_logits``.
         """
         chunk = chunk or self.prefill_chunk
+        cache = cache if cache is not None else self.engine.state.cache
+        if seq.slot < 0:
+            raise RuntimeError("the sequence holds no slot: acquire one first")
         if seq.embeds is None:
             inputs = seq.inputs
             seq.embeds = self.model.embed_inputs(
@@ -180,24 +250,38 @@ class Generator:
         seq.next_logits, seq.embeds = logits[0, -1], None
         return True
 
-    def prefill(self, seq: Sequence, cache: KVCache, chunk: Optional[int] = None) -> None:
+    def prefill(self, seq: Sequence, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> None:
         """Write the whole prompt into ``seq``'s cache slot, chunk by chunk; sets ``seq.next_logits``."""
         while not self.prefill_step(seq, cache, chunk):
             pass
 
+    def decode(self, seqs: Seq[Sequence]) -> list[str]:
+        """One decode step for ``seqs`` (each holding a slot, its prompt prefilled and a first token
+        sampled): the new tokens are chosen on the device; returns the text each may emit now."""
+        tokens, _ = self.decode_step(seqs)
+        ids = tokens.tolist()  # the step's one host read
+        return self._accept(seqs, [ids[s.slot] for s in seqs])
+
+    def decode_step(self, seqs: Seq[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step on the device (no host read): new tokens [rows] and logits [rows, V], indexed by slot."""
+        for s in seqs:
+            if not s.row_started:
+                self.engine.start_row(s.slot, s.last_token, s.length, s.seen, s.params)
+                s.row_started = True
+        tokens, logits = self.engine.step([s.slot for s in seqs], [s.length for s in seqs],
+                                          [s.params for s in seqs], [s.generator for s in seqs])
+        for s in seqs:
+            s.length += 1
+        return tokens, logits
+
     @torch.inference_mode()
     def decode_logits(self, seqs: Seq[Sequence], cache: KVCache) -> torch.Tensor:
-        """Feed each sequence's last token at its next position; returns logits [B, V]."""
+        """Eager reference path over a caller-owned ``cache``: feed each sequence's last token at its
+        next position and return the logits [B, V] (choose the tokens with :meth:`sample`)."""
         device = self.model.device
         tokens = torch.tensor([[s.last_token] for s in seqs], device=device)
         positions = torch.tensor([[s.length] for s in seqs], device=device)
-        slot_ids = [s.slot for s in seqs]
-        if slot_ids == list(range(slot_ids[0], slot_ids[0] + len(slot_ids))):
-            slots = slice(slot_ids[0], slot_ids[0] + len(slot_ids))  # consecutive: read the cache as a view
-        else:
-            slots = torch.tensor(slot_ids, device=device)
-        # Round the attended length up to a bucket (masked beyond each request's own position), so
-        # consecutive steps share tensor shapes: what torch.compile / CUDA-graph capture need.
+        slots = torch.tensor([s.slot for s in seqs], device=device)
         needed = max(s.length for s in seqs) + 1
         kv_len = min(cache.max_len, -(-needed // self.kv_bucket) * self.kv_bucket)
         logits = self.model.forward_tokens(tokens, positions, cache, slots, kv_len)[:, -1]
@@ -206,18 +290,24 @@ class Generator:
         return logits
 
     def sample(self, seqs: Seq[Sequence], logits: torch.Tensor) -> list[str]:
-        """Choose each sequence's next token from logits [B, V]; returns the text each may emit now."""
+        """Choose each sequence's next token from logits [B, V] (the first token, after prefill);
+        returns the text each may emit now."""
         seen = torch.cat([s.seen for s in seqs])
         tokens = sample_next(logits, seen, [s.params for s in seqs], [s.generator for s in seqs])
-        pieces = []
-        for row, (s, token) in enumerate(zip(seqs, tokens.tolist())):
+        for row, s in enumerate(seqs):
             update_seen(s.seen, tokens[row : row + 1])  # stays on the device
+        return self._accept(seqs, tokens.tolist())
+
+    def _accept(self, seqs: Seq[Sequence], tokens: list[int]) -> list[str]:
+        """Record one new token per sequence, stream its text and apply the stop rules."""
+        pieces = []
+        for s, token in zip(seqs, tokens):
             s.tokens.append(token)
             s.stats.new_tokens += 1
             if s.stats.new_tokens == 1:
                 s.stats.time_to_first_token = time.perf_counter() - s.started
             piece = s.streamer.push(token)
-            if token == self.eos_id:
+            if token == self.eos_id and not s.params.ignore_eos:
                 s.finished, s.stats.finish_reason = True, "stop"
             elif s.streamer.stopped:
                 s.finished, s.stats.finish_reason = True, "stop_string"
@@ -232,18 +322,30 @@ class Generator:
     # ----------------------------------------------------------------------------- one request
     def stream(self, inputs: ProcessedInputs, params: SamplingParams) -> Iterator[str]:
         """Generate for one request, yielding text pieces as tokens arrive (stats in ``last_stats``)."""
-        seq = self.new_sequence(inputs, params)
-        self.last_stats, self.last_tokens = seq.stats, seq.tokens
-        cache = self.model.new_cache(1, seq.stats.prompt_tokens + seq.max_new_tokens)
-        self.prefill(seq, cache)
-        logits = seq.next_logits.unsqueeze(0)
-        while True:
-            piece = self.sample([seq], logits)[0]
+        for piece, _ in self._generate(inputs, params, keep_logits=False):
             if piece:
                 yield piece
-            if seq.finished:
-                return
-            logits = self.decode_logits([seq], cache)
+
+    def _generate(self, inputs: ProcessedInputs, params: SamplingParams,
+                  keep_logits: bool) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+        """(text piece, the logits the token was chosen from when ``keep_logits``) per new token."""
+        seq = self.new_sequence(inputs, params)
+        self.last_stats, self.last_tokens = seq.stats, seq.tokens
+        seq.slot = self.engine.acquire()
+        try:
+            self.prefill(seq)
+            logits = seq.next_logits
+            piece = self.sample([seq], logits.unsqueeze(0))[0]
+            while True:
+                yield piece, (logits.clone() if keep_logits else None)
+                if seq.finished:
+                    return
+                tokens, all_logits = self.decode_step([seq])
+                logits = all_logits[seq.slot]
+                piece = self._accept([seq], [tokens.tolist()[seq.slot]])[0]
+        finally:
+            self.engine.release(seq.slot)
+            seq.slot = -1
 
     def generate_ids(self, inputs: ProcessedInputs, params: SamplingParams) -> list[int]:
         """All generated token ids (eos included when it was produced)."""
@@ -251,6 +353,7 @@ class Generator:
             pass
         return list(self.last_tokens)
 
-    def generate(self, inputs: ProcessedInputs, params: SamplingParams) -> str:
-        """The whole answer as one string."""
-        return "".join(self.stream(inputs, params))
+    def generate_with_logits(self, inputs: ProcessedInputs, params: SamplingParams) -> tuple[list[int], torch.Tensor]:
+        """Generated ids and the raw logits [n, V] (float32) each was chosen from (HF ``output_logits``)."""
+        logits = [step for _, step in self._generate(inputs, params, keep_logits=True)]
+        return list(self.last_tokens), torch.stack(logits)

@@ -55,6 +55,8 @@ class SamplingParams:
     seed: None draws a fresh random seed (see `resolve_seed`); otherwise an int in [0, 2**64).
     stop: strings that end generation; the text is cut before the first one to complete.
     penalize_greedy: apply the repetition penalty to greedy rows too (HF `do_sample=False`).
+    ignore_eos: keep generating after eos until max_new_tokens (benchmarks; eos is then a token
+        like any other and its text is hidden as usual).
     """
 
     temperature: float = 0.1
@@ -65,6 +67,7 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: Sequence[str] = ()
     penalize_greedy: bool = False
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         # A bare string is one stop string, not a sequence of one-character stops.
@@ -113,6 +116,8 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not isinstance(self.penalize_greedy, bool):
             raise ValueError(f"penalize_greedy must be a bool, got {self.penalize_greedy!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         return self
 
 
@@ -164,6 +169,70 @@ def update_seen(seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- logits processing
 
 
+@dataclass
+class RowColumns:
+    """Per-row sampling parameters as device tensors, so one code path serves any batch mix.
+
+    Every field is [B, 1]; a field that is "off" for a row holds the identity value (penalty 1,
+    temperature 1, top_k 0, top-p threshold 0 with ``top_p_active`` False), which leaves that
+    row's logits bit-identical. ``sampled`` is True for rows that draw (temperature > 0).
+    The decode engine keeps one persistent ``RowColumns`` with a row per cache slot.
+    """
+
+    penalty: torch.Tensor  # float32
+    temperature: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64
+    top_p_threshold: torch.Tensor  # float32, 1 - top_p
+    top_p_active: torch.Tensor  # bool
+    sampled: torch.Tensor  # bool
+
+    @staticmethod
+    def row_values(p: SamplingParams) -> tuple[float, float, int, float, bool, bool]:
+        """The column values of one request, in field order."""
+        sampled = not p.is_greedy
+        penalty = p.repetition_penalty if (sampled or p.penalize_greedy) else 1.0
+        if not sampled:
+            return penalty, 1.0, 0, 0.0, False, False
+        # 1 - top_p computed in double, then compared in float32, as HF's scalar comparison does.
+        return penalty, p.temperature, p.top_k, 1 - p.top_p, p.top_p < 1, True
+
+    @classmethod
+    def empty(cls, rows: int, device: torch.device | str) -> "RowColumns":
+        """Identity (greedy, nothing filtered) columns for ``rows`` rows."""
+        return cls(
+            penalty=torch.ones(rows, 1, device=device), temperature=torch.ones(rows, 1, device=device),
+            top_k=torch.zeros(rows, 1, dtype=torch.long, device=device),
+            top_p_threshold=torch.zeros(rows, 1, device=device),
+            top_p_active=torch.zeros(rows, 1, dtype=torch.bool, device=device),
+            sampled=torch.zeros(rows, 1, dtype=torch.bool, device=device),
+        )
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], device: torch.device) -> "RowColumns":
+        """Columns for a batch of requests (copied to ``device`` without blocking on CUDA)."""
+        values = list(zip(*(cls.row_values(p) for p in params)))
+        dtypes = (torch.float32, torch.float32, torch.long, torch.float32, torch.bool, torch.bool)
+        return cls(*(_row_tensor(v, d, device) for v, d in zip(values, dtypes)))
+
+    def write_row(self, row: int, p: SamplingParams) -> None:
+        """Set row ``row`` to the parameters of ``p`` (in place)."""
+        for column, value in zip(self.tensors(), self.row_values(p)):
+            column[row].fill_(value)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The six column tensors in field order."""
+        return (self.penalty, self.temperature, self.top_k, self.top_p_threshold, self.top_p_active, self.sampled)
+
+    def head(self, rows: int) -> "RowColumns":
+        """Views of the first ``rows`` rows."""
+        return RowColumns(*(t[:rows] for t in self.tensors()))
+
+
+def needs_processing(params: Sequence[SamplingParams]) -> bool:
+    """False when every row takes the plain argmax of its raw logits (greedy, no penalty)."""
+    return any(not p.is_greedy or (p.penalize_greedy and p.repetition_penalty != 1.0) for p in params)
+
+
 def _row_tensor(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[B, 1] tensor of per-row values on `device`, copied without blocking the host on CUDA."""
     column = torch.tensor(values, dtype=dtype).reshape(-1, 1)
@@ -184,27 +253,27 @@ def apply_repetition_penalty(
     return torch.where(seen, penalised, logits)
 
 
-def _top_k_mask(ascending: torch.Tensor, logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Removal mask [B, V] in vocab order: logits below each row's k-th largest (k = 0: none)."""
-    vocab = logits.shape[-1]
-    k = top_k.clamp(min=1, max=vocab)  # [B, 1]
-    kth_largest = ascending.gather(1, vocab - k)  # [B, 1]
-    return (logits < kth_largest) & (top_k > 0)
+def filter_scores(logits: torch.Tensor, seen: torch.Tensor, columns: RowColumns) -> torch.Tensor:
+    """The scores each row chooses from, [B, V] float32 (removed tokens are -inf); no host sync.
 
-
-def _top_p_mask(
-    ascending: torch.Tensor, order: torch.Tensor, threshold: torch.Tensor, active: torch.Tensor
-) -> torch.Tensor:
-    """Removal mask [B, V] in vocab order for nucleus sampling, HF TopPLogitsWarper semantics.
-
-    `ascending`/`order`: the logits sorted ascending and their ids. In that order, drop tokens
-    whose cumulative probability is <= threshold (= 1 - top_p, [B, 1] float32), always keeping
-    the most likely token; rows where `active` [B, 1] is False drop nothing.
+    Repetition penalty, / temperature, top-k, top-p in HF order, with one stable sort: the
+    top-k cut removes a prefix of the ascending order, so the same order serves top-p (the
+    removed entries are -inf either way). Ties at the top-p cut: among equal logits the higher
+    id is kept. Rows whose columns are identities come out bit-identical to their logits.
     """
+    scores = apply_repetition_penalty(logits.float(), seen, columns.penalty) / columns.temperature
+    ascending, order = torch.sort(scores, dim=-1, stable=True)
+    vocab = scores.shape[-1]
+    k = columns.top_k.clamp(min=1, max=vocab)  # [B, 1]
+    kth_largest = ascending.gather(1, vocab - k)  # [B, 1]
+    use_top_k = columns.top_k > 0
+    scores = scores.masked_fill((scores < kth_largest) & use_top_k, -math.inf)
+    ascending = ascending.masked_fill((ascending < kth_largest) & use_top_k, -math.inf)
     cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = (cumulative <= threshold) & active
-    remove_sorted[:, -1] = False
-    return torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
+    remove_sorted = (cumulative <= columns.top_p_threshold) & columns.top_p_active
+    remove_sorted[:, -1] = False  # always keep the most likely token
+    remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
+    return scores.masked_fill(remove, -math.inf)
 
 
 def process_logits(
@@ -215,8 +284,14 @@ def process_logits(
     Sampled rows (temperature > 0): repetition penalty, / temperature, top-k, top-p, in HF order;
     `softmax` of the result is the distribution `sample_next` draws from.
     Greedy rows: the logits, penalised only when `penalize_greedy`; their argmax is the token.
-    Ties at the top-p cut are broken by a stable sort: among equal logits the higher id is kept.
     """
+    _check_batch(logits, seen, params)
+    if not needs_processing(params):
+        return logits.float()
+    return filter_scores(logits, seen, RowColumns.of(params, logits.device))
+
+
+def _check_batch(logits: torch.Tensor, seen: torch.Tensor, params: Sequence[SamplingParams]) -> None:
     if logits.dim() != 2 or seen.shape != logits.shape:
         raise ValueError(
             f"logits [B, V] and seen [B, V] expected, "
@@ -224,59 +299,27 @@ def process_logits(
         )
     if len(params) != logits.shape[0]:
         raise ValueError(f"{len(params)} SamplingParams for a batch of {logits.shape[0]} rows")
-    device = logits.device
-    logits = logits.float()
-    sampled = [not p.is_greedy for p in params]
-
-    penalties = [
-        p.repetition_penalty if (s or p.penalize_greedy) else 1.0 for p, s in zip(params, sampled)
-    ]
-    if any(value != 1.0 for value in penalties):
-        penalty_column = _row_tensor(penalties, torch.float32, device)
-        logits = apply_repetition_penalty(logits, seen, penalty_column)
-    if not any(sampled):
-        return logits
-
-    temperatures = [p.temperature if s else 1.0 for p, s in zip(params, sampled)]
-    if any(value != 1.0 for value in temperatures):
-        logits = logits / _row_tensor(temperatures, torch.float32, device)
-
-    top_ks = [p.top_k if s else 0 for p, s in zip(params, sampled)]
-    top_ps = [p.top_p if s else 1.0 for p, s in zip(params, sampled)]
-    if any(top_ks):
-        ascending = torch.sort(logits, dim=-1, stable=True).values
-        remove = _top_k_mask(ascending, logits, _row_tensor(top_ks, torch.long, device))
-        logits = logits.masked_fill(remove, -math.inf)
-    if any(value < 1 for value in top_ps):
-        # 1 - top_p computed in double, then compared in float32, as HF's scalar comparison does.
-        ascending, order = torch.sort(logits, dim=-1, stable=True)
-        threshold = _row_tensor([1 - value for value in top_ps], torch.float32, device)
-        active = _row_tensor([value < 1 for value in top_ps], torch.bool, device)
-        remove = _top_p_mask(ascending, order, threshold, active)
-        logits = logits.masked_fill(remove, -math.inf)
-    return logits
 
 
 # ----------------------------------------------------------------------------- drawing
 
 
-def _draw_uniforms(
-    generators: Sequence[Optional[torch.Generator]], sampled: Sequence[bool], device: torch.device
+def draw_uniforms(
+    generators: Sequence[Optional[torch.Generator]], sampled: Sequence[bool], out: torch.Tensor
 ) -> torch.Tensor:
-    """One uniform in [0, 1) per sampled row from that row's own generator, [B, 1] float64."""
-    draws = []
+    """One uniform in [0, 1) per sampled row from that row's own generator, into ``out`` [B, 1]
+    float64 (greedy rows are left as they are); returns ``out``. No host synchronisation."""
     for row, (generator, is_sampled) in enumerate(zip(generators, sampled)):
         if not is_sampled:
-            draws.append(torch.zeros(1, dtype=torch.float64, device=device))
             continue
         if generator is None:
             raise ValueError(f"row {row} samples (temperature > 0) but has no generator")
-        draw = torch.rand(1, generator=generator, device=generator.device, dtype=torch.float64)
-        if draw.device != device:
-            draw = draw.pin_memory() if device.type == "cuda" else draw
-            draw = draw.to(device, non_blocking=True)
-        draws.append(draw)
-    return torch.stack(draws)
+        if generator.device == out.device:
+            torch.rand(1, generator=generator, device=out.device, dtype=torch.float64, out=out[row])
+        else:
+            draw = torch.rand(1, generator=generator, device=generator.device, dtype=torch.float64)
+            out[row].copy_(draw, non_blocking=True)
+    return out
 
 
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -288,6 +331,23 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     ids = torch.arange(probs.shape[-1], device=probs.device)
     last_positive = torch.where(probs > 0, ids, -1).amax(dim=-1)
     return torch.minimum(index, last_positive)
+
+
+def choose_tokens(
+    logits: torch.Tensor, seen: torch.Tensor, columns: Optional[RowColumns], uniforms: torch.Tensor
+) -> torch.Tensor:
+    """Next token of every row, LongTensor [B], from logits [B, V] — static shapes, no host sync.
+
+    ``columns`` None means every row is plain greedy (argmax of the raw logits, first index on
+    ties). Otherwise greedy rows take the argmax of their (possibly penalised) scores and
+    sampled rows invert the CDF of ``softmax(filter_scores(...))`` at their uniform [B, 1]. This
+    is the whole sampler: `sample_next` and the compiled decode step both call it.
+    """
+    if columns is None:
+        return logits.argmax(dim=-1)
+    scores = filter_scores(logits, seen, columns)
+    sampled_tokens = _inverse_cdf(scores.softmax(dim=-1), uniforms)
+    return torch.where(columns.sampled.squeeze(1), sampled_tokens, scores.argmax(dim=-1))
 
 
 def sample_next(
@@ -304,13 +364,10 @@ def sample_next(
     """
     if len(generators) != len(params):
         raise ValueError(f"{len(generators)} generators for {len(params)} rows")
-    scores = process_logits(logits, seen, params)
+    _check_batch(logits, seen, params)
+    if not needs_processing(params):
+        return choose_tokens(logits.float(), seen, None, logits.new_empty(0))
     sampled = [not p.is_greedy for p in params]
-    if not any(sampled):
-        return scores.argmax(dim=-1)
-    uniforms = _draw_uniforms(generators, sampled, scores.device)
-    sampled_tokens = _inverse_cdf(scores.softmax(dim=-1), uniforms)
-    if all(sampled):
-        return sampled_tokens
-    is_sampled = _row_tensor(sampled, torch.bool, scores.device).squeeze(1)
-    return torch.where(is_sampled, sampled_tokens, scores.argmax(dim=-1))
+    uniforms = torch.zeros(len(params), 1, dtype=torch.float64, device=logits.device)
+    draw_uniforms(generators, sampled, uniforms)
+    return choose_tokens(logits.float(), seen, RowColumns.of(params, logits.device), uniforms)

@@ -16,8 +16,6 @@ import threading
 from collections import deque
 from typing import AsyncIterator, Iterator, Optional
 
-import torch
-
 from .generation import Generator, Sequence
 from deepseek_vl2.inputs.processor import ProcessedInputs
 from .sampling import SamplingParams
@@ -93,8 +91,8 @@ class BatchScheduler:
         self.max_batch = max_batch
         self.max_len = max_len or generator.context_length
         self.max_waiting = max_waiting
-        self.cache = generator.model.new_cache(max_batch, self.max_len)
-        self._free_slots = list(range(max_batch))
+        generator.reserve(max_batch, self.max_len)  # the persistent decode state, grown once if needed
+        self.engine = generator.engine
         self._waiting: deque[RequestHandle] = deque()
         self._prefilling: deque[RequestHandle] = deque()
         self._decoding: list[RequestHandle] = []
@@ -106,12 +104,7 @@ class BatchScheduler:
     # ----------------------------------------------------------------------------- API
     def submit(self, inputs: ProcessedInputs, params: SamplingParams) -> RequestHandle:
         """Queue a request; bad parameters or a prompt that cannot fit raise here, in the caller."""
-        seq = self.generator.new_sequence(inputs, params, slot=-1)  # raises when the model's context is too small
-        room = self.max_len - seq.stats.prompt_tokens
-        if room < 1:
-            raise ValueError(f"the prompt needs {seq.stats.prompt_tokens} tokens; this server holds {self.max_len} per request")
-        seq.max_new_tokens = min(seq.max_new_tokens, room)
-        seq.stats.max_new_tokens = seq.max_new_tokens
+        seq = self.generator.new_sequence(inputs, params, slot=-1, limit=self.max_len)  # raises ContextLengthError
         handle = RequestHandle(seq)
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
@@ -132,6 +125,11 @@ class BatchScheduler:
         """Requests holding a slot."""
         return len(self._prefilling) + len(self._decoding)
 
+    @property
+    def cache(self):
+        """The KV cache of the generator's persistent decode state (shared with ``Generator.stream``)."""
+        return self.engine.state.cache
+
     # ----------------------------------------------------------------------------- loop
     def _run(self) -> None:
         while True:
@@ -140,9 +138,9 @@ class BatchScheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
-                while self._waiting and self._free_slots:
+                while self._waiting and self.active < self.max_batch and self.engine.free_slots:
                     handle = self._waiting.popleft()
-                    handle.seq.slot = self._free_slots.pop()
+                    handle.seq.slot = self.engine.acquire()
                     self._prefilling.append(handle)
             self._drop_cancelled()
             self._prefill_one_chunk()
@@ -152,7 +150,7 @@ class BatchScheduler:
 
     def _release(self, handle: RequestHandle, error: Optional[BaseException] = None) -> None:
         if handle.seq.slot >= 0:
-            self._free_slots.append(handle.seq.slot)
+            self.engine.release(handle.seq.slot)
             handle.seq.slot = -1
         handle.seq.embeds = None
         handle._put(error if error is not None else _DONE)
@@ -173,10 +171,10 @@ class BatchScheduler:
             return
         handle = self._prefilling[0]
         try:
-            done = self.generator.prefill_step(handle.seq, self.cache)
+            done = self.generator.prefill_step(handle.seq)
             if done:
                 self._prefilling.popleft()
-                self._emit([handle], handle.seq.next_logits.unsqueeze(0))
+                self._emit([handle], self.generator.sample([handle.seq], handle.seq.next_logits.unsqueeze(0)))
                 if not handle.seq.finished:
                     self._decoding.append(handle)
             else:
@@ -191,8 +189,7 @@ class BatchScheduler:
         if not batch:
             return
         try:
-            logits = self.generator.decode_logits([h.seq for h in batch], self.cache)
-            self._emit(batch, logits)
+            self._emit(batch, self.generator.decode([h.seq for h in batch]))
         except Exception as err:  # noqa: BLE001 - retry one by one so only the failing request fails
             log.exception("batched decode failed; retrying requests one at a time")
             if len(batch) == 1:
@@ -201,13 +198,12 @@ class BatchScheduler:
                 return
             for handle in batch:
                 try:
-                    self._emit([handle], self.generator.decode_logits([handle.seq], self.cache))
+                    self._emit([handle], self.generator.decode([handle.seq]))
                 except Exception as err:  # noqa: BLE001
                     self._decoding.remove(handle)
                     self._release(handle, err)
 
-    def _emit(self, batch: list[RequestHandle], logits: torch.Tensor) -> None:
-        pieces = self.generator.sample([h.seq for h in batch], logits)
+    def _emit(self, batch: list[RequestHandle], pieces: list[str]) -> None:
         for handle, piece in zip(batch, pieces):
             if piece:
                 handle._put(piece)

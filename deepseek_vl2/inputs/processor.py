@@ -501,14 +501,10 @@ class DeepseekVL2Processor:
         )
         return fewest, most
 
-    def context_overflow(self, inputs: ProcessedInputs, context_length: int) -> str | None:
-        """None when `inputs` leave room for at least one new token in `context_length`
-        tokens; otherwise a message for the user with the numbers and what to change."""
-        needed = int(inputs.input_ids.numel())
-        if needed < context_length:
-            return None
+    def token_parts(self, inputs: ProcessedInputs) -> str:
+        """How a prompt's tokens split, e.g. "2 images: 421 + 1023 tokens; text: 17 tokens"
+        (for the engine's one context-length message, ``Generator.budget``)."""
         image_tokens = list(inputs.num_image_tokens)
-        text_tokens = needed - sum(image_tokens)
         parts = []
         if image_tokens:
             count = len(image_tokens)
@@ -516,15 +512,17 @@ class DeepseekVL2Processor:
                 f"{count} image{'s' if count > 1 else ''}: "
                 f"{' + '.join(str(n) for n in image_tokens)} tokens"
             )
-        parts.append(f"text: {text_tokens} tokens")
+        parts.append(f"text: {int(inputs.input_ids.numel()) - sum(image_tokens)} tokens")
+        return "; ".join(parts)
+
+    def image_token_advice(self) -> str:
+        """How many tokens an image takes, for messages about prompts that do not fit."""
         one_tile, most = self.image_token_range(1)
         size = self.image_size
         return (
-            f"the prompt needs {needed} tokens ({'; '.join(parts)}) but the model's context "
-            f"holds {context_length}, leaving no room for an answer. With 1 or 2 images each "
-            f"image takes {one_tile} to {most} tokens depending on its size and shape "
-            f"({one_tile} when it is at most {size}x{size} pixels); with 3 or more images each "
-            f"takes {one_tile}. Use fewer or smaller images, or a shorter prompt."
+            f"With 1 or 2 images each image takes {one_tile} to {most} tokens depending on its "
+            f"size and shape ({one_tile} when it is at most {size}x{size} pixels); with 3 or more "
+            f"images each takes {one_tile}."
         )
 
     def _validated_turns(self, conversation: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:

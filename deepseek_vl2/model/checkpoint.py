@@ -14,12 +14,12 @@ import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
 
-from .config import load_config
+from .config import DeepseekVL2Config, load_config
 from .multimodal import DeepseekVL2
 
 UNUSED_KEY_PREFIXES = ("vision.attn_pool.",)
@@ -111,13 +111,20 @@ def load_model(
     checkpoint_dir: Union[str, Path],
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    *,
+    config: Optional[DeepseekVL2Config] = None,
+    files: Optional[Sequence[Union[str, Path]]] = None,
 ) -> DeepseekVL2:
-    """Build DeepSeek-VL2 from an official checkpoint directory; returns the model in eval mode."""
+    """Build DeepSeek-VL2 from an official checkpoint directory; returns the model in eval mode.
+
+    ``config`` (already parsed from its config.json) and ``files`` (its safetensors files) skip
+    reading them again when the caller has them.
+    """
     checkpoint_dir = Path(checkpoint_dir)
-    config = load_config(checkpoint_dir)
+    config = config if config is not None else load_config(checkpoint_dir)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    files = weight_files(checkpoint_dir)
+    files = [Path(f) for f in files] if files is not None else weight_files(checkpoint_dir)
     with parameters_on_meta():
         model = DeepseekVL2(config)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}

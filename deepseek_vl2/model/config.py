@@ -8,7 +8,7 @@ Values this implementation cannot run raise :class:`ConfigError` naming the key 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,11 +58,6 @@ class VisionConfig:
         if self.class_token:
             raise ConfigError(f"{where}.class_token = True is not supported (the official models use False)")
         _require(where, "select_layer", self.select_layer, (-1,))
-
-    @property
-    def grid(self) -> int:
-        """Patches along one side of a tile (27 for 384 / 14)."""
-        return self.image_size // self.patch_size
 
 
 @dataclass
@@ -182,7 +177,6 @@ class DeepseekVL2Config:
     language: LanguageConfig
     tile_tag: str = "tile_tag"
     global_view_pos: str = "head"
-    candidate_resolutions: list = field(default_factory=lambda: [[384, 384]])
 
     def validate(self) -> None:
         _require("config", "tile_tag", self.tile_tag, ("2D",))
@@ -224,7 +218,6 @@ def config_from_dict(raw: dict[str, Any]) -> DeepseekVL2Config:
         language=_build(LanguageConfig, raw.get("language_config", {}), "language_config"),
         tile_tag=raw.get("tile_tag", "tile_tag"),
         global_view_pos=raw.get("global_view_pos", "head"),
-        candidate_resolutions=raw.get("candidate_resolutions", [[384, 384]]),
     )
     config.validate()
     return config

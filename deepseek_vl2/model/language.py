@@ -57,14 +57,11 @@ class LanguageModel(nn.Module):
         cache: Optional[KVCache] = None,
         slots: Optional[Slots] = None,
         kv_len: Optional[int] = None,
-        collect: Optional[list] = None,
     ) -> torch.Tensor:
         """Run the decoder on embeds [B, T, D] at positions [B, T]; returns the final-normed states.
 
         With a cache, ``kv_len`` is the number of cached positions to attend over (at least
         max(positions) + 1); when omitted it is read from ``positions`` (one host sync).
-        ``collect``, if given, receives each layer's input and then the final output (HF's
-        ``output_hidden_states`` convention).
         """
         if cache is not None:
             if slots is None:
@@ -73,13 +70,8 @@ class LanguageModel(nn.Module):
                 kv_len = int(positions.max()) + 1
         x = embeds
         for i, layer in enumerate(self.model.layers):
-            if collect is not None:
-                collect.append(x)
             x = layer(x, positions, cache.layers[i] if cache is not None else None, slots, kv_len or 0)
-        x = self.model.norm(x)
-        if collect is not None:
-            collect.append(x)
-        return x
+        return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head, returned in float32 as the reference does."""

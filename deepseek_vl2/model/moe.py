@@ -1,10 +1,17 @@
 """Feed-forward blocks of the DeepSeek-V2 decoder: SwiGLU MLP, the MoE gate, and the MoE layer.
 
-Routed experts are stored stacked ([E, 2·I, D] gate+up and [E, D, I] down) so that decode can
-gather the chosen experts' weights and run batched matmuls without a Python loop over experts or
-any device→host synchronisation (or, for decode batches choosing more experts than exist, run
-every expert once). Prefill, with many tokens per expert, loops over the experts that received
-tokens (one host sync per layer for the token counts).
+Routed experts are stored stacked ([E, 2·I, D] gate+up and [E, D, I] down). Decode (one token
+per sequence) never loops over experts in Python nor reads a device value on the host:
+
+* compiled (the decode engine's step): :meth:`StackedExperts.run_indexed`, a multiply-reduce
+  over the chosen experts' weights that Inductor fuses with the gather — every chosen expert's
+  weights are read once, in place, and copied nowhere;
+* eager: :meth:`StackedExperts.run_gathered` (gathers the chosen weights, then batched matmuls);
+* decode batches choosing more experts than exist: :meth:`StackedExperts.run_dense` (every
+  expert once, on every token).
+
+Prefill, with many tokens per expert, loops over the experts that received tokens (one host
+sync per layer for the token counts).
 """
 from __future__ import annotations
 
@@ -96,6 +103,22 @@ class StackedExperts(nn.Module):
         hidden = (F.silu(gate) * up).unsqueeze(-1)  # [N·k, I, 1]
         return torch.bmm(self.down[flat_ids], hidden).view(n, k, -1)
 
+    def run_indexed(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Same result as run_gathered, written as gather → multiply → float32 sum.
+
+        Eagerly this would materialise the gathered weights (and more); under ``torch.compile``
+        Inductor turns each projection into one reduction kernel that loads
+        ``gate_up[ids[r], i, :]`` / ``down[ids[r], o, :]`` straight from the stacked tensor: the
+        chosen experts' weights are read once and never copied.
+        """
+        n, k = ids.shape
+        flat_ids = ids.reshape(-1)
+        inputs = x.repeat_interleave(k, dim=0).float().unsqueeze(1)  # [N·k, 1, D]
+        gate_up = (self.gate_up[flat_ids].float() * inputs).sum(-1).to(x.dtype)  # [N·k, 2I]
+        gate, up = gate_up.split(self.intermediate, dim=-1)
+        hidden = (F.silu(gate) * up).float().unsqueeze(1)  # [N·k, 1, I]
+        return (self.down[flat_ids].float() * hidden).sum(-1).to(x.dtype).view(n, k, -1)
+
     def run_dense(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Same result as run_gathered, running every expert on every token: reads each weight once,
         with no host synchronisation — the choice for decode batches where N·k exceeds the expert count."""
@@ -140,8 +163,11 @@ class MoE(nn.Module):
         weights, ids = self.gate(flat)
         if x.dim() == 3 and x.shape[1] > 1:  # prefill: many tokens, group them by expert
             expert_out = self.experts.run_grouped(flat, ids)
-        elif ids.numel() <= self.experts.gate_up.shape[0]:  # decode, few tokens: gather their experts
-            expert_out = self.experts.run_gathered(flat, ids)
+        elif ids.numel() <= self.experts.gate_up.shape[0]:  # decode, few tokens: only their experts
+            if torch.compiler.is_compiling():
+                expert_out = self.experts.run_indexed(flat, ids)
+            else:
+                expert_out = self.experts.run_gathered(flat, ids)
         else:  # decode, large batch: every expert once, no host sync
             expert_out = self.experts.run_dense(flat, ids)
         routed = (expert_out.to(torch.float32) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
