@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as ``python scripts/benchmark.py``
     sys.path.insert(0, str(REPO_ROOT))
 
+from deepseek_vl2.engine.decode import batch_buckets  # noqa: E402
 from deepseek_vl2.engine.generation import DEFAULT_PREFILL_CHUNK, Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs  # noqa: E402
@@ -50,6 +51,7 @@ from scripts.random_model import build_random_model  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("eager", "compiled")
 DEFAULT_PROMPT = "Describe this image in detail."
+ROW_KEYS = ("decode", "ttft", "e2e_1428", "e2e_demo", "concurrency", "setup", "memory")
 FILLER = " describe"
 __all__ = ["activated_parameters", "kv_cache_bytes_per_position", "main"]
 
@@ -104,6 +106,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="GPU memory bandwidth for the bound (default: from the GPU's name, e.g. H200 4800)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests at once in the concurrency row")
     parser.add_argument("--target-rows", action="store_true", help="also measure the GPU target table's rows")
+    parser.add_argument("--rows", type=lambda t: parse_list(t, ROW_KEYS), default=list(ROW_KEYS),
+                        help=f"which target rows (default all: {','.join(ROW_KEYS)})")
     parser.add_argument("--row-new-tokens-scale", type=float, default=1.0,
                         help="scale the target rows' new-token counts (smoke runs)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -198,10 +202,10 @@ def median_of(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
-def warm_compiled(generators: dict[str, Generator], prompt_tokens: int, new_tokens: int, rows: int = 1,
+def warm_compiled(generators: dict[str, Generator], prompt_tokens: int, new_tokens: int, rows: Sequence[int] = (1,),
                   max_seconds: Optional[float] = None) -> dict[str, float]:
-    """Compile (and on CUDA capture) the compiled generator's greedy step for ``rows`` rows and
-    every KV bucket a request of ``prompt_tokens`` + ``new_tokens`` passes; seconds per mode."""
+    """Compile (and on CUDA capture) the compiled generator's greedy step for each batch bucket in
+    ``rows`` and every KV bucket a request of ``prompt_tokens`` + ``new_tokens`` passes; seconds per mode."""
     seconds = {}
     for mode, generator in generators.items():
         if mode == "compiled":
@@ -209,7 +213,7 @@ def warm_compiled(generators: dict[str, Generator], prompt_tokens: int, new_toke
             first = (prompt_tokens // bucket + 1) * bucket
             last = min(-(-(prompt_tokens + new_tokens) // bucket) * bucket, generator.engine.max_len)
             start = time.perf_counter()
-            generator.warmup(rows=[rows], kv_lens=list(range(first, last + 1, bucket)) or [last],
+            generator.warmup(rows=list(rows), kv_lens=list(range(first, last + 1, bucket)) or [last],
                              modes=("greedy",), max_seconds=max_seconds)
             seconds[mode] = time.perf_counter() - start
     return seconds
@@ -279,21 +283,27 @@ def target_rows(model: DeepseekVL2, generators: dict[str, Generator], args: argp
         rows.append({"key": key, "row": label, "unit": unit, "target": TARGETS[key].get(variant),
                      "better": better, "values": values, **extra})
 
+    wanted = set(args.rows)
     decode = {m: median_of(r, "decode_tokens_per_second") for m, r in main_runs.items()}
     fractions = {m: bandwidth(model, v, main_context, peak)["bandwidth_fraction"] for m, v in decode.items()}
-    row("decode", f"decode tokens/s, batch 1 ({variant})", "tokens/s", "higher", decode, bandwidth_fraction=fractions)
+    if "decode" in wanted:
+        row("decode", f"decode tokens/s, batch 1, {main_context - args.new_tokens / 2:.0f} prompt tokens ({variant})",
+            "tokens/s", "higher", decode, bandwidth_fraction=fractions)
 
-    inputs, prepare_s = prepared(first, "What is in this image?", synthetic_image(384, 384))
-    warm_compiled(generators, int(inputs.input_ids.numel()), 2)
-    ttft = {m: median_of(alternate({m: g}, inputs, 2, args.repeats)[m], "ttft_seconds") for m, g in generators.items()}
-    row("ttft", f"time to first token, 1 image (global + 1 tile), short question, "
-        f"{inputs.input_ids.numel()} prompt tokens ({variant})", "s", "lower", ttft, prepare_seconds=prepare_s)
+    if "ttft" in wanted:
+        inputs, prepare_s = prepared(first, "What is in this image?", synthetic_image(384, 384))
+        warm_compiled(generators, int(inputs.input_ids.numel()), 2)
+        ttft = {m: median_of(r, "ttft_seconds") for m, r in alternate(generators, inputs, 2, args.repeats).items()}
+        row("ttft", f"time to first token, 1 image (global + 1 tile), short question, "
+            f"{inputs.input_ids.numel()} prompt tokens ({variant})", "s", "lower", ttft, prepare_seconds=prepare_s)
 
     for key, label, image, prompt, tokens, new in (
         ("e2e_1428", "1 image 700x500 (2x2 tiles)", synthetic_image(700, 500), DEFAULT_PROMPT, 1428, 128),
         ("e2e_demo", "the demo prompt + demo.png", draw_pipeline(), "Describe each stage of this <image> in detail",
          None, 500),
     ):
+        if key not in wanted:
+            continue
         new = max(2, int(new * scale))
         inputs, prepare_s = prepared(first, prompt, image, tokens)
         warm_compiled(generators, int(inputs.input_ids.numel()), new)
@@ -302,29 +312,33 @@ def target_rows(model: DeepseekVL2, generators: dict[str, Generator], args: argp
         row(key, f"{label}, {inputs.input_ids.numel()} prompt tokens, {new} new tokens, end to end "
             f"incl. processor ({variant})", "s", "lower", e2e, prepare_seconds=prepare_s)
 
-    inputs, _ = prepared(first, DEFAULT_PROMPT, synthetic_image(300, 200))
-    new = max(2, int(128 * scale))
-    ratio, detail = {}, {}
-    for mode, generator in generators.items():
-        one = run_concurrent(generator, inputs, 1, new)
-        many = run_concurrent(generator, inputs, args.concurrency, new)
-        ratio[mode] = many["aggregate_tokens_per_second"] / one["aggregate_tokens_per_second"]
-        detail[mode] = {"one": one, "many": many}
-    row("concurrency", f"{args.concurrency} concurrent requests: aggregate tokens/s ÷ one request's "
-        f"({new} new tokens each, {variant})", "x", "higher", ratio, detail=detail)
+    if "concurrency" in wanted:
+        inputs, _ = prepared(first, DEFAULT_PROMPT, synthetic_image(300, 200))
+        new = max(2, int(128 * scale))
+        ratio, detail = {}, {}
+        warm_compiled(generators, int(inputs.input_ids.numel()), new, rows=batch_buckets(args.concurrency))
+        for mode, generator in generators.items():
+            one = run_concurrent(generator, inputs, 1, new)
+            many = run_concurrent(generator, inputs, args.concurrency, new)
+            ratio[mode] = many["aggregate_tokens_per_second"] / one["aggregate_tokens_per_second"]
+            detail[mode] = {"one": one, "many": many}
+        row("concurrency", f"{args.concurrency} concurrent requests: aggregate tokens/s ÷ one request's "
+            f"({new} new tokens each, {variant})", "x", "higher", ratio, detail=detail)
 
-    row("setup", "setup from local disk: load ÷ plain read of the weight files", "x", "lower",
-        {"load": setup.get("load_over_read")}, note=None if args.checkpoint else "n/a: random weights (no files)")
+    if "setup" in wanted:
+        row("setup", "setup from local disk: load ÷ plain read of the weight files", "x", "lower",
+            {"load": setup.get("load_over_read")}, note=None if args.checkpoint else "n/a: random weights (no files)")
 
-    memory = {}
-    for mode, generator in generators.items():
-        limit = generator.token_limit
-        inputs, _ = prepared(generator, DEFAULT_PROMPT, synthetic_image(700, 500), limit - 8)
-        reset_peak_memory(args.device)
-        run_request(generator, inputs, 2)
-        memory[mode] = peak_memory_bytes(args.device) / 1e9
-    row("memory", f"peak memory, {limit}-token context, chunked prefill ({args.prefill_chunk}) ({variant}; "
-        f"{'CUDA max allocated' if args.device.type == 'cuda' else 'process peak RSS'})", "GB", "lower", memory)
+    if "memory" in wanted:
+        memory = {}
+        for mode, generator in generators.items():
+            limit = generator.token_limit
+            inputs, _ = prepared(generator, DEFAULT_PROMPT, synthetic_image(700, 500), limit - 8)
+            reset_peak_memory(args.device)
+            run_request(generator, inputs, 2)
+            memory[mode] = peak_memory_bytes(args.device) / 1e9
+        row("memory", f"peak memory, {limit}-token context, chunked prefill ({args.prefill_chunk}) ({variant}; "
+            f"{'CUDA max allocated' if args.device.type == 'cuda' else 'process peak RSS'})", "GB", "lower", memory)
     return rows
 
 
@@ -339,7 +353,7 @@ def device_description(device: torch.device) -> str:
 def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
     """Every measurement of one run: the text report and the JSON-ready results."""
     model, processor, setup = load(args)
-    max_batch = args.concurrency if args.target_rows else 1
+    max_batch = args.concurrency if args.target_rows and "concurrency" in args.rows else 1
     generators = make_generators(model, processor, args, max_batch)
     first = next(iter(generators.values()))
     image = synthetic_image(*args.image) if args.image else None
