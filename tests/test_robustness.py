@@ -62,7 +62,7 @@ import torch as _fault_torch
 from deepseek_vl2.engine.generation import Generator as _FaultGenerator
 
 _real_prefill_step = _FaultGenerator.prefill_step
-_real_decode_logits = _FaultGenerator.decode_logits
+_real_decode_step = _FaultGenerator.decode_step
 
 
 def _maybe_fail(prompt, stage):
@@ -73,20 +73,20 @@ def _maybe_fail(prompt, stage):
         raise RuntimeError(f"simulated failure in {stage}")
 
 
-def _prefill_step_with_faults(self, seq, cache, chunk=None):
+def _prefill_step_with_faults(self, seq, cache=None, chunk=None):
     _maybe_fail(seq.inputs.prompt, "prefill")
     return _real_prefill_step(self, seq, cache, chunk)
 
 
-def _decode_logits_with_faults(self, seqs, cache, *args, **kwargs):
+def _decode_step_with_faults(self, seqs, *args, **kwargs):
     for seq in seqs:
         if seq.stats.new_tokens >= 2:
             _maybe_fail(seq.inputs.prompt, "decode")
-    return _real_decode_logits(self, seqs, cache, *args, **kwargs)
+    return _real_decode_step(self, seqs, *args, **kwargs)
 
 
 _FaultGenerator.prefill_step = _prefill_step_with_faults
-_FaultGenerator.decode_logits = _decode_logits_with_faults
+_FaultGenerator.decode_step = _decode_step_with_faults
 '''
 
 

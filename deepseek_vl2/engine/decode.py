@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable, Optional, Sequence
@@ -206,7 +207,11 @@ class DecodeEngine:
     def _function(self, rows: int, full: bool) -> Callable:
         key = (rows, full)
         if key not in self._functions:
-            fn = partial(decode_step, self.model, self.state, rows=rows, full=full)
+            step = decode_step
+            if self.compiled:  # a private copy of the code: Dynamo keeps one cache (and recompile limit) per code object
+                step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__,
+                                          f"decode_step_rows{rows}_{MODES[full]}")
+            fn = partial(step, self.model, self.state, rows=rows, full=full)
             self._functions[key] = torch.compile(fn, fullgraph=True, dynamic=None) if self.compiled else fn
         return self._functions[key]
 

@@ -139,6 +139,11 @@ class Generator:
         return cls(model, processor, prefill_chunk, compile=compile, max_batch=max_batch, max_len=max_len)
 
     @property
+    def variant(self) -> str:
+        """Name of the official variant the model's shapes match, or "custom"."""
+        return self.model.config.variant
+
+    @property
     def context_length(self) -> int:
         return self.model.config.language.max_position_embeddings
 

@@ -5,7 +5,7 @@ width and height. This module turns such answers into pixel boxes (`draw.py` out
 `__main__.py` is the CLI ``python -m deepseek_vl2.grounding``).
 
 Parsing never raises on model text: whatever cannot be used is skipped or repaired and described
-in `GroundingResult.problems` (see README.md for the exact rules).
+in `GroundingResult.problems` (see docs/grounding.md for the exact rules).
 """
 
 from __future__ import annotations

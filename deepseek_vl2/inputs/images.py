@@ -2,7 +2,7 @@
 
 `load_image` turns a path, raw bytes or a binary file object into an RGB image the processor can
 use, or raises `ImageInputError` (a ValueError) whose message tells the user which input was
-wrong and what to change. The rules (see README.md):
+wrong and what to change. The rules (see docs/cog.md, "Images"):
 
 - Only common raster formats are opened (`ACCEPTED_FORMATS`); Pillow's other parsers (EPS, PSD,
   ICO, ...) are never tried.

@@ -1,7 +1,7 @@
 """DeepSeek-VL2 processor: chat template, image tiling, `<image>` expansion and tokenization.
 
 Reproduces the official ``DeepseekVLV2Processor`` in inference mode (see
-README.md for the user-facing description):
+docs/inputs.md for the user-facing description):
 
 * token stream: bos, then per user turn ``"<|User|>: " + text + "\\n\\n<|Assistant|>:"``, per
   assistant reply the stripped reply tokenized on its own followed by eos; the final eos (of the
@@ -13,7 +13,7 @@ README.md for the user-facing description):
   what the official processor does) every special-token string in the text becomes its special
   id. With ``"structural"`` (what the Cog predictor uses) only ``<image>`` and the grounding
   tags do; role markers, bos/eos/pad and any other special-token string are tokenized as plain
-  text, so a user cannot forge turns or end the prompt (see README.md).
+  text, so a user cannot forge turns or end the prompt (see docs/cog.md).
 """
 
 from __future__ import annotations
