@@ -32,6 +32,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 ENV_VAR = "DSVL2_REFERENCE_DIR"
+DEVICE_ENV_VAR = "DSVL2_TEST_DEVICE"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
 
@@ -88,6 +89,21 @@ def has_outputs(config: str, case: str) -> bool:
     """Whether outputs/<config>/<case>.safetensors and .json both exist."""
     base = reference_dir() / "outputs" / config / case
     return base.with_suffix(".safetensors").is_file() and base.with_suffix(".json").is_file()
+
+
+def test_device() -> torch.device:
+    """The device the reference-parity tests run the model on: $DSVL2_TEST_DEVICE, default cpu.
+
+    Raises RuntimeError when it names CUDA on a machine without a usable GPU (a GPU check must
+    not pass by running on the CPU).
+    """
+    device = torch.device(os.environ.get(DEVICE_ENV_VAR, "cpu") or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV_VAR}={device} but torch.cuda.is_available() is False")
+    return device
+
+
+test_device.__test__ = False  # a helper, not a pytest test
 
 
 # ------------------------------------------------------------------------- pytest parameters

@@ -18,6 +18,7 @@ docs/inputs.md for the user-facing description):
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -152,6 +153,21 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
+def add_extra_special_token(tokenizer: PreTrainedTokenizerBase, token: str) -> None:
+    """Append `token` to the tokenizer's extra special tokens, keeping the ones it has.
+
+    transformers 4.x calls the list ``additional_special_tokens`` and the keep-flag
+    ``replace_additional_special_tokens``; 5.x renamed both to ``extra_special_tokens`` /
+    ``replace_extra_special_tokens`` (and rejects the old flag). The flag the installed version
+    takes is read from the method's signature.
+    """
+    parameters = inspect.signature(tokenizer.add_special_tokens).parameters
+    if "replace_extra_special_tokens" in parameters:  # transformers >= 5
+        tokenizer.add_special_tokens({"extra_special_tokens": [token]}, replace_extra_special_tokens=False)
+    else:
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_additional_special_tokens=False)
+
+
 def split_on_tokens(text: str, tokens: Sequence[str]) -> list[tuple[str, bool]]:
     """Cut `text` at every occurrence of `tokens`: ``(piece, is_token)`` pairs, empty pieces
     dropped. Overlapping matches resolve leftmost-longest, like the tokenizer's own splitting."""
@@ -214,9 +230,7 @@ class DeepseekVL2Processor:
         known = set(tok.get_vocab())
         for token in (self.image_token, *GROUNDING_TOKENS, *CHAT_ROLE_TOKENS):
             if token not in known:  # one at a time so that new ids follow this order
-                tok.add_special_tokens(
-                    {"additional_special_tokens": [token]}, replace_additional_special_tokens=False
-                )
+                add_extra_special_token(tok, token)
                 known.add(token)
 
     def _required_id(self, attribute: str) -> int:
