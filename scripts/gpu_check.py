@@ -136,7 +136,7 @@ def speed_stage(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def official_stage(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The official implementation's figures on the same device, when DSVL2_OFFICIAL is set."""
     if not os.environ.get("DSVL2_OFFICIAL"):
-        return {"skipped": "DSVL2_OFFICIAL is not set (see ../shared/docs/official-code-on-gpu.md)"}
+        return {"skipped": "DSVL2_OFFICIAL is not set (see the shared note official-code-on-gpu.md)"}
     results = {}
     for variant in args.variants:
         command = [sys.executable, str(SHARED / "tools" / "official" / "official_bench.py"), "--variant", variant,
