@@ -29,7 +29,8 @@ from deepseek_vl2.engine.sampling import SamplingParams
 from deepseek_vl2.engine.scheduler import BatchScheduler, RequestHandle
 from deepseek_vl2.grounding import parse_grounding
 from deepseek_vl2.inputs.images import load_image
-from deepseek_vl2.model.checkpoint import default_device, default_dtype
+from deepseek_vl2.model.checkpoint import default_device, default_dtype, weight_files
+from deepseek_vl2.model.config import load_config
 from deepseek_vl2.serving import coglet_bridge
 from deepseek_vl2.serving.errors import user_facing_error
 from deepseek_vl2.serving.inputs import PredictRequest
@@ -47,6 +48,17 @@ def concurrency_slots() -> int:
     except ValueError:
         print(f"ignoring COG_MAX_CONCURRENCY={raw!r}: not an integer", flush=True)
         return 1
+
+
+def warmup_budget() -> float:
+    """Seconds setup may spend compiling decode buckets (``DSVL2_WARMUP_SECONDS``, default 300);
+    buckets not reached compile on first use."""
+    raw = os.environ.get("DSVL2_WARMUP_SECONDS", "300")
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        print(f"ignoring DSVL2_WARMUP_SECONDS={raw!r}: not a number", flush=True)
+        return 300.0
 
 
 class _PrintHandler(logging.Handler):
@@ -79,24 +91,30 @@ class Service:
         started = time.perf_counter()
         _show_engine_logs()
         checkpoint = weights.resolve_checkpoint(weights_source)
+        config = load_config(checkpoint)  # config.json and the file list are read once, here
+        files = weight_files(checkpoint)
         device = default_device()
         dtype = default_dtype(device)
         if device.type == "cuda":
             free_bytes, _ = torch.cuda.mem_get_info(device)
-            weights.check_gpu_memory(weights.count_parameters(checkpoint), free_bytes,
-                                     weights.checkpoint_name(checkpoint))
+            weights.check_gpu_memory(weights.parameters_on_disk(files), free_bytes, config.variant)
         else:
             print("no CUDA GPU found: running on the CPU in float32 (slow)", flush=True)
-        engine = Generator.load(checkpoint, device=device, dtype=dtype)
+        slots = concurrency_slots()
+        # The persistent decode state (KV cache + step buffers) is sized here for every slot.
+        engine = Generator.load(checkpoint, device=device, dtype=dtype, max_batch=slots,
+                                config=config, weight_files=files)
         loaded = time.perf_counter()
         print(f"loaded {engine.variant} from {checkpoint} on {device} as {dtype} "
               f"in {loaded - started:.1f} s", flush=True)
+        if engine.engine.compiled:  # every batch × KV bucket, logged one line each, within a bound
+            engine.warmup(max_seconds=warmup_budget())
         blank = Image.new("RGB", (64, 64), (127, 127, 127))  # first request pays no lazy setup
         for _ in engine.stream(engine.prepare(f"{IMAGE_TAG}\nWhat is this?", [blank]),
                                SamplingParams(temperature=0.0, max_new_tokens=2)):
             pass
         print(f"warm-up took {time.perf_counter() - loaded:.1f} s", flush=True)
-        return cls(engine, concurrency_slots())
+        return cls(engine, slots)
 
     # ------------------------------------------------------------------------- predictions
     async def answer(self, request: PredictRequest, record: Record) -> Iterator[str]:
