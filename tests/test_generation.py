@@ -172,3 +172,13 @@ def test_cache_read_by_slice_is_a_view_equal_to_the_gather(generator: Generator)
     new_first = torch.randn(1, 2, *layer.first.shape[2:])
     layer.write(slice(2, 3), positions, new_first, torch.randn(1, 2, *layer.second.shape[2:]))
     assert torch.equal(layer.first[2, 4:6], new_first[0])
+
+
+def test_ignore_eos_runs_to_max_new_tokens(tmp_path) -> None:
+    path = make_checkpoint(tmp_path / "eos", variant="tiny", seed=3, eos_boost=40.0)  # eos comes early
+    gen = Generator.load(path, device="cpu", dtype=torch.float32)
+    inputs = gen.prepare("Hello", [])
+    stopped = gen.generate_ids(inputs, _greedy(8))
+    assert stopped[-1] == gen.eos_id and len(stopped) < 8 and gen.last_stats.finish_reason == "stop"
+    ignored = gen.generate_ids(inputs, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))
+    assert len(ignored) == 8 and ignored[: len(stopped)] == stopped and gen.last_stats.finish_reason == "length"
