@@ -87,3 +87,17 @@ def user_turn_segments(text: str) -> list[tuple[str, bool]]:
     if not text:
         return [(f"{USER_ROLE}:", False), (f"{ASSISTANT_ROLE}:", False)]
     return [(f"{USER_ROLE}: ", False), (text, True), (f"{USER_SEPARATOR}{ASSISTANT_ROLE}:", False)]
+
+
+def build_conversation(
+    prompt: str, num_images: int, image_token: str = "<image>"
+) -> list[dict[str, str]]:
+    """A single-turn conversation for `prompt`, ready for `DeepseekVL2Processor.process`.
+
+    Without any `<image>` tag in the prompt, `num_images` tags (each followed by a newline) are
+    put in front of it; with tags, the prompt is kept as is (process() checks the count).
+    """
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
+    content = prompt if image_token in prompt else f"{image_token}\n" * num_images + prompt
+    return [{"role": USER_ROLE, "content": content}, {"role": ASSISTANT_ROLE, "content": ""}]

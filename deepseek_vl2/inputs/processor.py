@@ -18,9 +18,7 @@ docs/inputs.md for the user-facing description):
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase
 
-from .chat_template import (
+from .chat_template import (  # build_conversation: re-exported for callers of the processor
+    build_conversation,
     ASSISTANT_ROLE,
     SYSTEM_SEPARATOR,
     USER_ROLE,
@@ -41,13 +40,12 @@ from .chat_template import (
     normalize_role,
     user_turn_segments,
 )
-from deepseek_vl2.model.config import ConfigError
+from .settings import PROCESSOR_CONFIG_FILE, SUPPORTED_SFT_FORMATS, ProcessorSettings
 from .tiling import letterbox, num_image_tokens_for_crop, select_best_resolution
+from .tokenizer import add_extra_special_token, load_tokenizer, split_on_tokens
 
-PROCESSOR_CONFIG_FILE = "processor_config.json"
 GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 CHAT_ROLE_TOKENS = (USER_ROLE, ASSISTANT_ROLE)
-SUPPORTED_SFT_FORMATS = ("deepseek",)
 USER_TEXT_SPECIALS = ("all", "structural")
 """How special-token strings in caller text are tokenized: every one as its id ("all", the
 official behaviour) or only `<image>` and the grounding tags ("structural")."""
@@ -67,129 +65,6 @@ class ProcessedInputs:
     images_seq_mask: torch.Tensor  # [T] bool, true at image-token positions
     images_spatial_crop: torch.Tensor  # [n_images, 2] int64 (tiles across, tiles down); [[0, 0]] without image
     num_image_tokens: list[int]  # per image
-
-
-@dataclass(frozen=True)
-class ProcessorSettings:
-    """The fields of `processor_config.json` that inference uses (official defaults)."""
-
-    candidate_resolutions: tuple[tuple[int, int], ...]
-    patch_size: int = 14
-    downsample_ratio: int = 2
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    normalize: bool = True
-    image_token: str = "<image>"
-    pad_token: str = "<｜▁pad▁｜>"
-    sft_format: str = "deepseek"
-
-    @property
-    def image_size(self) -> int:
-        """Side of one tile: the width of the first candidate resolution (384 in practice)."""
-        return self.candidate_resolutions[0][0]
-
-    @property
-    def fill_color(self) -> tuple[int, ...]:
-        """Letter-box colour: the mean as 0–255 integers, truncated (0.5 -> 127)."""
-        return tuple(int(m * 255) for m in self.image_mean)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ProcessorSettings":
-        """Build from a parsed processor_config.json, validating what inference relies on."""
-        raw = data.get("candidate_resolutions")
-        if not raw:
-            raise ConfigError("processor_config: 'candidate_resolutions' is missing or empty")
-        try:
-            candidates = tuple((int(w), int(h)) for w, h in raw)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"processor_config: 'candidate_resolutions' must be [width, height] pairs, got {raw!r}"
-            ) from exc
-        settings = cls(
-            candidate_resolutions=candidates,
-            patch_size=int(data.get("patch_size", cls.patch_size)),
-            downsample_ratio=int(data.get("downsample_ratio", cls.downsample_ratio)),
-            image_mean=tuple(float(x) for x in data.get("image_mean", cls.image_mean)),
-            image_std=tuple(float(x) for x in data.get("image_std", cls.image_std)),
-            normalize=bool(data.get("normalize", cls.normalize)),
-            image_token=str(data.get("image_token", cls.image_token)),
-            pad_token=str(data.get("pad_token", cls.pad_token)),
-            sft_format=str(data.get("sft_format", cls.sft_format)),
-        )
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        """Raise ConfigError (a ValueError) when the settings cannot be used for tiling."""
-        size = self.image_size
-        for w, h in self.candidate_resolutions:
-            if w <= 0 or h <= 0 or w % size or h % size:
-                raise ConfigError(
-                    f"processor_config: candidate resolution [{w}, {h}] is not a positive multiple "
-                    f"of the tile size {size} (the first candidate's width)"
-                )
-        if self.sft_format not in SUPPORTED_SFT_FORMATS:
-            raise ConfigError(
-                f"processor_config: sft_format {self.sft_format!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_SFT_FORMATS)}"
-            )
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ConfigError("processor_config: image_mean and image_std need 3 values (RGB)")
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load the fast tokenizer of a checkpoint directory (tokenizer.json + tokenizer_config.json).
-
-    Uses the class named in tokenizer_config.json (LlamaTokenizerFast for the real checkpoints)
-    and falls back to a plain PreTrainedTokenizerFast.
-    """
-    path = Path(path)
-    config_file = path / "tokenizer_config.json"
-    tokenizer_class = None
-    if config_file.is_file():
-        tokenizer_class = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
-    if tokenizer_class:
-        return AutoTokenizer.from_pretrained(str(path), use_fast=True)
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
-
-
-def add_extra_special_token(tokenizer: PreTrainedTokenizerBase, token: str) -> None:
-    """Append `token` to the tokenizer's extra special tokens, keeping the ones it has.
-
-    transformers 4.x calls the list ``additional_special_tokens`` and the keep-flag
-    ``replace_additional_special_tokens``; 5.x renamed both to ``extra_special_tokens`` /
-    ``replace_extra_special_tokens`` (and rejects the old flag). The flag the installed version
-    takes is read from the method's signature.
-    """
-    parameters = inspect.signature(tokenizer.add_special_tokens).parameters
-    if "replace_extra_special_tokens" in parameters:  # transformers >= 5
-        tokenizer.add_special_tokens({"extra_special_tokens": [token]}, replace_extra_special_tokens=False)
-    else:
-        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_additional_special_tokens=False)
-
-
-def split_on_tokens(text: str, tokens: Sequence[str]) -> list[tuple[str, bool]]:
-    """Cut `text` at every occurrence of `tokens`: ``(piece, is_token)`` pairs, empty pieces
-    dropped. Overlapping matches resolve leftmost-longest, like the tokenizer's own splitting."""
-    if not tokens:
-        return [(text, False)] if text else []
-    pattern = "|".join(re.escape(t) for t in sorted(set(tokens), key=len, reverse=True))
-    parts = re.split(f"({pattern})", text)
-    return [(part, index % 2 == 1) for index, part in enumerate(parts) if part]
-
-
-def build_conversation(
-    prompt: str, num_images: int, image_token: str = "<image>"
-) -> list[dict[str, str]]:
-    """A single-turn conversation for `prompt`, ready for `DeepseekVL2Processor.process`.
-
-    Without any `<image>` tag in the prompt, `num_images` tags (each followed by a newline) are
-    put in front of it; with tags, the prompt is kept as is (process() checks the count).
-    """
-    if num_images < 0:
-        raise ValueError(f"num_images must be >= 0, got {num_images}")
-    content = prompt if image_token in prompt else f"{image_token}\n" * num_images + prompt
-    return [{"role": USER_ROLE, "content": content}, {"role": ASSISTANT_ROLE, "content": ""}]
 
 
 class DeepseekVL2Processor:
