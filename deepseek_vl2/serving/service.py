@@ -39,26 +39,27 @@ IMAGE_TAG = "<image>"
 Record = Callable[[str, Any], None]  # record_metric(name, value)
 
 
+def _env_number(name: str, default: str, parse: Callable[[str], Any], what: str) -> Any:
+    """``parse`` of the environment variable ``name`` (``default`` when unset); a value that does
+    not parse is logged and replaced by the default."""
+    raw = os.environ.get(name, default)
+    try:
+        return parse(raw)
+    except ValueError:
+        print(f"ignoring {name}={raw!r}: not {what}", flush=True)
+        return parse(default)
+
+
 def concurrency_slots() -> int:
     """Predictions served at once: ``COG_MAX_CONCURRENCY`` (set by `cog build` from
     ``@cog.concurrent``), else 1."""
-    raw = os.environ.get("COG_MAX_CONCURRENCY", "1")
-    try:
-        return max(1, int(raw))
-    except ValueError:
-        print(f"ignoring COG_MAX_CONCURRENCY={raw!r}: not an integer", flush=True)
-        return 1
+    return max(1, _env_number("COG_MAX_CONCURRENCY", "1", int, "an integer"))
 
 
 def warmup_budget() -> float:
     """Seconds setup may spend compiling decode buckets (``DSVL2_WARMUP_SECONDS``, default 300);
     buckets not reached compile on first use."""
-    raw = os.environ.get("DSVL2_WARMUP_SECONDS", "300")
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        print(f"ignoring DSVL2_WARMUP_SECONDS={raw!r}: not a number", flush=True)
-        return 300.0
+    return max(0.0, _env_number("DSVL2_WARMUP_SECONDS", "300", float, "a number"))
 
 
 class _PrintHandler(logging.Handler):
