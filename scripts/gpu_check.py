@@ -58,14 +58,20 @@ def run_stage(name: str, command: list[str], limit: float, out_dir: Path, env: O
             code: Optional[int] = process.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             code = None
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=10)
-                    break
+            stop_group(process)
     return {"command": " ".join(command), "seconds": round(time.perf_counter() - start, 1),
             "exit_code": code, "timed_out": code is None, "log": log.name}
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """End a process started with ``start_new_session=True`` and everything it started: SIGTERM,
+    then SIGKILL if it is still there 10 s later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
+            return
 
 
 def parity_stage(args: argparse.Namespace, out: Path) -> dict[str, Any]:

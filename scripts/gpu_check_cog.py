@@ -14,7 +14,6 @@ import base64
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT)]
+
+from scripts.gpu_check import stop_group  # noqa: E402
 
 DEMO_PROMPT = "Describe each stage of this <image> in detail"
 
@@ -75,12 +76,7 @@ def serve_and_predict(checkpoint: Path, workdir: Path, inputs: dict) -> dict:
         code, body = http_json(f"{base}/predictions", {"input": inputs}, timeout=600)
         seconds = time.perf_counter() - start
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(timeout=10)
-                break
+        stop_group(server)
     return {"http_status": code, "status": body.get("status"), "error": body.get("error"),
             "output_chars": len("".join(body.get("output") or [])), "metrics": body.get("metrics"),
             "setup_seconds": round(setup_seconds, 2), "prediction_seconds": round(seconds, 3),
