@@ -24,8 +24,11 @@ def test_short_soak_loses_nothing(tmp_path: Path) -> None:
     assert report["predictions"] == 40 and report["served"] > 10
     assert report["expected_failures"] > 0 and report["cancelled"] > 0
     assert report["health_after"] == "READY"
-    # 40 predictions after the warm-up; the 500-prediction bound (docs/deployment.md) is 64 MiB.
-    assert report["rss_end_mib"] - report["rss_start_mib"] < 96, report
+    # 40 predictions after a 20-prediction warm-up: RSS still climbs toward its plateau here (about
+    # +100 MiB over the first ~150 predictions, docs/deployment.md; 107 MiB measured once on a clean
+    # CI-like run), so this bound only catches a gross leak. Flatness is the 500-prediction soak's
+    # claim (64 MiB bound after a 100-prediction warm-up).
+    assert report["rss_end_mib"] - report["rss_start_mib"] < 192, report
     assert 0 < report["latency_p50_s"] <= report["latency_p99_s"]
 
 
