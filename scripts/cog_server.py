@@ -114,15 +114,21 @@ class CogServer:
         return requests.get(f"{self.base_url}/openapi.json", timeout=10)
 
     def predict(
-        self, inputs: dict[str, Any], *, prediction_id: Optional[str] = None, timeout: float = 300
+        self,
+        inputs: dict[str, Any],
+        *,
+        prediction_id: Optional[str] = None,
+        timeout: float = 300,
+        retry_busy: Optional[float] = None,
     ) -> tuple[int, dict[str, Any]]:
         """A synchronous prediction: (HTTP status, JSON body).
 
         With ``prediction_id`` it uses ``PUT /predictions/{id}``, so the prediction can be
-        canceled from another thread while this call waits.
+        canceled from another thread while this call waits. ``retry_busy`` (default: the
+        server's) is how many seconds a 409 answer is retried.
         """
         body = {"input": inputs}
-        deadline = time.monotonic() + self.retry_busy
+        deadline = time.monotonic() + (self.retry_busy if retry_busy is None else retry_busy)
         while True:
             if prediction_id is None:
                 response = requests.post(f"{self.base_url}/predictions", json=body, timeout=timeout)
@@ -146,20 +152,26 @@ class CogServer:
     ) -> tuple[int, list[SSEEvent]]:
         """A streaming prediction (``Accept: text/event-stream``): (HTTP status, events).
 
-        For a non-200 answer the single "event" holds the JSON error body.
+        A 409 (busy) answer is retried for the server's ``retry_busy`` seconds, as in
+        :meth:`predict`. For a non-200 answer the single "event" holds the JSON error body.
         """
-        with requests.post(
-            f"{self.base_url}/predictions",
-            json={"input": inputs},
-            headers={"Accept": "text/event-stream"},
-            stream=True,
-            timeout=timeout,
-        ) as response:
-            if response.status_code != 200:
-                return response.status_code, [SSEEvent("error", response.json())]
-            response.encoding = "utf-8"  # SSE is always UTF-8; requests would guess Latin-1
-            lines = response.iter_lines(decode_unicode=True)
-            return 200, list(parse_sse(line if line is not None else "" for line in lines))
+        deadline = time.monotonic() + self.retry_busy
+        while True:
+            with requests.post(
+                f"{self.base_url}/predictions",
+                json={"input": inputs},
+                headers={"Accept": "text/event-stream"},
+                stream=True,
+                timeout=timeout,
+            ) as response:
+                if response.status_code == 409 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                if response.status_code != 200:
+                    return response.status_code, [SSEEvent("error", response.json())]
+                response.encoding = "utf-8"  # SSE is always UTF-8; requests would guess Latin-1
+                lines = response.iter_lines(decode_unicode=True)
+                return 200, list(parse_sse(line if line is not None else "" for line in lines))
 
     def cancel(self, prediction_id: str) -> int:
         """POST /predictions/{id}/cancel; returns the HTTP status."""

@@ -33,7 +33,11 @@ def images(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt"), variant="small", seed=5, eos_boost=0.0)
-    with cog_server("predict.py:Predictor", weights=checkpoint, env={"COG_MAX_CONCURRENCY": str(SLOTS)}) as running:
+    # retry_busy: coglet 0.23.1 can answer 409 for a moment after a prediction ended while it frees
+    # the slot (seen in CI right after the sequential runs); a client retries, so these helpers do.
+    # The capacity test below asks for no retries.
+    with cog_server("predict.py:Predictor", weights=checkpoint, env={"COG_MAX_CONCURRENCY": str(SLOTS)},
+                    retry_busy=10) as running:
         yield running
 
 
@@ -131,7 +135,7 @@ def test_request_beyond_capacity_gets_409(server, images) -> None:
         deadline = time.monotonic() + 60
         status = None
         while time.monotonic() < deadline:
-            status, body = server.predict(_requests(images)[0])
+            status, body = server.predict(_requests(images)[0], retry_busy=0)
             if status == 409:
                 break
             time.sleep(0.1)
@@ -147,15 +151,24 @@ def test_request_beyond_capacity_gets_409(server, images) -> None:
 
 
 def _timed_stream(server, inputs: dict, prediction_id: str) -> dict:
-    """PUT a streaming prediction; arrival time of each event (s after sending) and the events."""
+    """PUT a streaming prediction; arrival time of each event (s after sending) and the events.
+
+    A 409 (a slot still being freed after the previous test) is retried for up to 10 s."""
     import requests
 
-    started = time.monotonic()
-    arrivals, events = [], []
     url = f"{server.base_url}/predictions/{prediction_id}"
-    with requests.put(url, json={"input": inputs}, headers={"Accept": "text/event-stream"},
-                      stream=True, timeout=300) as response:
-        assert response.status_code == 200
+    retry_until = time.monotonic() + 10
+    while True:
+        started = time.monotonic()
+        response = requests.put(url, json={"input": inputs}, headers={"Accept": "text/event-stream"},
+                                stream=True, timeout=300)
+        if response.status_code != 409 or started >= retry_until:
+            break
+        response.close()
+        time.sleep(0.05)
+    arrivals, events = [], []
+    with response:
+        assert response.status_code == 200, response.text
         response.encoding = "utf-8"
         lines = (line if line is not None else "" for line in response.iter_lines(decode_unicode=True))
         for event in parse_sse(lines):
@@ -274,7 +287,7 @@ def test_without_the_bridge_answers_come_complete_and_cancel_still_works(tmp_pat
     cancellable, the text sent when the prediction ends."""
     checkpoint = make_checkpoint(tmp_path / "ckpt", variant="tiny", seed=5, eos_boost=0.0)
     env = {"COG_MAX_CONCURRENCY": "2", "DSVL2_STREAMING": "collect"}
-    with cog_server("predict.py:Predictor", weights=checkpoint, env=env) as fallback:
+    with cog_server("predict.py:Predictor", weights=checkpoint, env=env, retry_busy=10) as fallback:
         assert "answers are sent when complete" in fallback.log()
         result = _timed_stream(fallback, {"image": images[0], "prompt": "Go on.", "temperature": 0,
                                           "max_length_tokens": 60}, f"c-{uuid.uuid4().hex[:6]}")
