@@ -46,10 +46,12 @@ def test_every_variant_measures_its_target_rows(dry_run) -> None:
 def test_parity_runs_through_the_device_switch(dry_run) -> None:
     report, _ = dry_run
     parity = report["parity"]
+    if not reference_available():  # the stage says why it did not run, and the script still succeeds
+        assert "no reference fixtures" in parity["skipped"] and "DSVL2_REFERENCE_DIR" in parity["skipped"]
+        return
     assert parity["exit_code"] == 0 and parity["failed"] == 0
-    if reference_available():
-        assert parity["passed"] >= 10  # tiny × 2 cases × the model tests
-        assert report["parity"]["bf16_drift"]["summary"]["cases"] == 1
+    assert parity["passed"] >= 10  # tiny × 2 cases × the model tests
+    assert report["parity"]["bf16_drift"]["summary"]["cases"] == 1
 
 
 def test_cog_server_answers_the_demo_prompt(dry_run) -> None:
