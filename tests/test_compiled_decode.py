@@ -169,6 +169,39 @@ def test_copy_free_moe_equals_the_reference_moe_and_copies_no_weights(tokens: in
     assert largest < gathered // 4, f"a buffer of {largest} elements: the chosen weights were copied"
 
 
+def test_looped_moe_equals_the_reference_and_each_token_is_independent_of_the_batch() -> None:
+    """The CPU eager decode path: same as grouping by expert, and a token's output is bitwise the
+    same alone as in a batch (so batched decode equals single decode exactly in float32)."""
+    torch.manual_seed(1)
+    stack = StackedExperts(16, 64, 48)
+    with torch.no_grad():
+        stack.gate_up.normal_(0, 0.1)
+        stack.down.normal_(0, 0.1)
+    x = torch.randn(3, 64)
+    ids = torch.stack([torch.randperm(16)[:4] for _ in range(3)])
+    ids[1, 0] = ids[0, 0]  # one expert chosen by two tokens
+    with torch.inference_mode():
+        looped = stack.run_looped(x, ids)
+        torch.testing.assert_close(looped, stack.run_grouped(x, ids), atol=1e-5, rtol=1e-5)
+        for row in range(3):
+            assert torch.equal(stack.run_looped(x[row : row + 1], ids[row : row + 1])[0], looped[row])
+
+
+def test_eager_cpu_decode_loops_over_the_chosen_experts(monkeypatch) -> None:
+    from deepseek_vl2.model.moe import MoE
+
+    config = LanguageConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                            n_shared_experts=1, topk_method="greedy")
+    moe = MoE(config)
+    called = []
+    original = StackedExperts.run_looped
+    monkeypatch.setattr(StackedExperts, "run_looped", lambda self, x, ids: called.append(1) or original(self, x, ids))
+    monkeypatch.setattr(StackedExperts, "run_gathered", lambda self, x, ids: pytest.fail("gathered on the CPU"))
+    with torch.inference_mode():
+        moe(torch.randn(2, 1, 32))
+    assert called == [1]
+
+
 def test_the_buffer_check_sees_a_copy() -> None:
     from torch._inductor.utils import run_and_get_code
 

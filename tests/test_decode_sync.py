@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepseek_vl2.engine.generation import Generator
 from deepseek_vl2.engine.sampling import SamplingParams, sample_next
+from deepseek_vl2.model.moe import MoE
 from scripts.make_test_checkpoint import make_checkpoint
 
 SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "bincount", "item")
@@ -47,16 +48,29 @@ def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int) 
         generator.prefill(seq)
         generator.sample([seq], seq.next_logits.unsqueeze(0))
         seqs.append(seq)
+    # The path a GPU takes: the CPU's eager MoE loops over experts on the host (MoE.loop_on_host),
+    # a GPU's does not. Tensor.tolist reads CPU memory without dispatching an op, so it is
+    # recorded by hand (on a GPU it is a synchronisation).
+    for moe in [m for m in generator.model.modules() if isinstance(m, MoE)]:
+        moe.loop_on_host = False
+    listed = []
+    original_tolist = torch.Tensor.tolist
     try:
         recorder = OpRecorder()
+        torch.Tensor.tolist = lambda self: listed.append(self.shape) or original_tolist(self)
         with recorder:
             tokens, logits = generator.decode_step(seqs)  # rows written, uniforms drawn, step run
             again, _ = generator.decode_step(seqs)
+        torch.Tensor.tolist = original_tolist
+        assert not listed, f"Tensor.tolist in the decode step (a host sync on a GPU): {listed}"
         assert tokens.shape[0] >= batch and logits.shape[0] == tokens.shape[0]
         assert len(recorder.ops) > 50, "the recorder must see the step's ops"
         syncing = sorted({op for op in recorder.ops if any(name in op for name in SYNCING_OPS)})
         assert not syncing, f"host-synchronising ops in the decode step: {syncing}"
     finally:
+        torch.Tensor.tolist = original_tolist
+        for moe in [m for m in generator.model.modules() if isinstance(m, MoE)]:
+            moe.loop_on_host = None
         for seq in seqs:
             generator.engine.release(seq.slot)
 

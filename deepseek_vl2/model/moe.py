@@ -6,7 +6,11 @@ per sequence) never loops over experts in Python nor reads a device value on the
 * compiled (the decode engine's step): :meth:`StackedExperts.run_indexed`, a multiply-reduce
   over the chosen experts' weights that Inductor fuses with the gather — every chosen expert's
   weights are read once, in place, and copied nowhere;
-* eager: :meth:`StackedExperts.run_gathered` (gathers the chosen weights, then batched matmuls);
+* eager on the CPU: :meth:`StackedExperts.run_looped` (one matrix-vector product per chosen
+  expert and token, reading its weights in place; the host is the device, so reading the ids
+  costs nothing — 3× to 10× faster than gathering, measured in docs/engine.md);
+* eager on a GPU: :meth:`StackedExperts.run_gathered` (gathers the chosen weights, then batched
+  matmuls, with no host synchronisation);
 * decode batches choosing more experts than exist: :meth:`StackedExperts.run_dense` (every
   expert once, on every token).
 
@@ -14,6 +18,8 @@ Prefill, with many tokens per expert, loops over the experts that received token
 sync per layer for the token counts).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +109,18 @@ class StackedExperts(nn.Module):
         hidden = (F.silu(gate) * up).unsqueeze(-1)  # [N·k, I, 1]
         return torch.bmm(self.down[flat_ids], hidden).view(n, k, -1)
 
+    def run_looped(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Same result as run_gathered: for each token and each of its experts, two matrix-vector
+        products on that expert's weights in place (no copy). Every product has one row, so a
+        token's result does not depend on the other tokens in the batch. Reads ids on the host."""
+        out = x.new_empty(*ids.shape, x.shape[-1])  # [N, k, D]
+        for row, experts in enumerate(ids.tolist()):
+            token = x[row : row + 1]
+            for slot, expert in enumerate(experts):
+                gate, up = F.linear(token, self.gate_up[expert]).split(self.intermediate, dim=-1)
+                out[row, slot] = F.linear(F.silu(gate) * up, self.down[expert])[0]
+        return out
+
     def run_indexed(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Same result as run_gathered, written as gather → multiply → float32 sum.
 
@@ -153,6 +171,9 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = Gate(config)
         self.experts = StackedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        # Eager decode: loop over the chosen experts on the host (None: only on the CPU, where
+        # reading the ids costs no device synchronisation).
+        self.loop_on_host: Optional[bool] = None
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
@@ -166,6 +187,8 @@ class MoE(nn.Module):
         elif ids.numel() <= self.experts.gate_up.shape[0]:  # decode, few tokens: only their experts
             if torch.compiler.is_compiling():
                 expert_out = self.experts.run_indexed(flat, ids)
+            elif self.loop_on_host if self.loop_on_host is not None else flat.device.type == "cpu":
+                expert_out = self.experts.run_looped(flat, ids)
             else:
                 expert_out = self.experts.run_gathered(flat, ids)
         else:  # decode, large batch: every expert once, no host sync
