@@ -90,6 +90,13 @@ def parse_sse(lines: Iterator[str]) -> Iterator[SSEEvent]:
         yield SSEEvent(name, json.loads("\n".join(data_lines)))
 
 
+def read_sse(response: requests.Response) -> Iterator[SSEEvent]:
+    """The events of a streamed text/event-stream response, as they arrive."""
+    response.encoding = "utf-8"  # SSE is always UTF-8; requests would guess Latin-1
+    lines = response.iter_lines(decode_unicode=True)
+    return parse_sse(line if line is not None else "" for line in lines)
+
+
 @dataclass
 class CogServer:
     """A running Cog HTTP server and helpers to talk to it."""
@@ -113,6 +120,33 @@ class CogServer:
         """GET /openapi.json (the schema the server validates inputs against)."""
         return requests.get(f"{self.base_url}/openapi.json", timeout=10)
 
+    def send_prediction(
+        self,
+        inputs: dict[str, Any],
+        *,
+        prediction_id: Optional[str] = None,
+        stream: bool = False,
+        timeout: float = 300,
+        retry_busy: Optional[float] = None,
+    ) -> requests.Response:
+        """Send one prediction request and return the response, retrying a 409 (busy) answer for
+        ``retry_busy`` seconds (default: the server's), as a client does.
+
+        ``POST /predictions``, or ``PUT /predictions/{id}`` with ``prediction_id`` (so it can be
+        canceled from another thread); ``stream`` asks for server-sent events and leaves the
+        body unread (use the response as a context manager).
+        """
+        url = f"{self.base_url}/predictions" + (f"/{prediction_id}" if prediction_id else "")
+        send = requests.put if prediction_id else requests.post
+        headers = {"Accept": "text/event-stream"} if stream else {}
+        deadline = time.monotonic() + (self.retry_busy if retry_busy is None else retry_busy)
+        while True:
+            response = send(url, json={"input": inputs}, headers=headers, stream=stream, timeout=timeout)
+            if response.status_code != 409 or time.monotonic() >= deadline:
+                return response
+            response.close()
+            time.sleep(0.05)
+
     def predict(
         self,
         inputs: dict[str, Any],
@@ -121,23 +155,9 @@ class CogServer:
         timeout: float = 300,
         retry_busy: Optional[float] = None,
     ) -> tuple[int, dict[str, Any]]:
-        """A synchronous prediction: (HTTP status, JSON body).
-
-        With ``prediction_id`` it uses ``PUT /predictions/{id}``, so the prediction can be
-        canceled from another thread while this call waits. ``retry_busy`` (default: the
-        server's) is how many seconds a 409 answer is retried.
-        """
-        body = {"input": inputs}
-        deadline = time.monotonic() + (self.retry_busy if retry_busy is None else retry_busy)
-        while True:
-            if prediction_id is None:
-                response = requests.post(f"{self.base_url}/predictions", json=body, timeout=timeout)
-            else:
-                url = f"{self.base_url}/predictions/{prediction_id}"
-                response = requests.put(url, json=body, timeout=timeout)
-            if response.status_code != 409 or time.monotonic() >= deadline:
-                return response.status_code, response.json()
-            time.sleep(0.05)
+        """A synchronous prediction: (HTTP status, JSON body); see :meth:`send_prediction`."""
+        response = self.send_prediction(inputs, prediction_id=prediction_id, timeout=timeout, retry_busy=retry_busy)
+        return response.status_code, response.json()
 
     def predict_in_background(
         self, inputs: dict[str, Any], prediction_id: str, timeout: float = 300
@@ -152,26 +172,13 @@ class CogServer:
     ) -> tuple[int, list[SSEEvent]]:
         """A streaming prediction (``Accept: text/event-stream``): (HTTP status, events).
 
-        A 409 (busy) answer is retried for the server's ``retry_busy`` seconds, as in
-        :meth:`predict`. For a non-200 answer the single "event" holds the JSON error body.
+        A 409 (busy) answer is retried as in :meth:`send_prediction`. For a non-200 answer the
+        single "event" holds the JSON error body.
         """
-        deadline = time.monotonic() + self.retry_busy
-        while True:
-            with requests.post(
-                f"{self.base_url}/predictions",
-                json={"input": inputs},
-                headers={"Accept": "text/event-stream"},
-                stream=True,
-                timeout=timeout,
-            ) as response:
-                if response.status_code == 409 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    continue
-                if response.status_code != 200:
-                    return response.status_code, [SSEEvent("error", response.json())]
-                response.encoding = "utf-8"  # SSE is always UTF-8; requests would guess Latin-1
-                lines = response.iter_lines(decode_unicode=True)
-                return 200, list(parse_sse(line if line is not None else "" for line in lines))
+        with self.send_prediction(inputs, stream=True, timeout=timeout) as response:
+            if response.status_code != 200:
+                return response.status_code, [SSEEvent("error", response.json())]
+            return 200, list(read_sse(response))
 
     def cancel(self, prediction_id: str) -> int:
         """POST /predictions/{id}/cancel; returns the HTTP status."""

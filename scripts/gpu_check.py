@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from reference_data import reference_available  # noqa: E402  (the parity tests' own "fixtures present" rule)
+
 # ../shared beside the checkout; on a lent GPU machine an ignored copy carried as .shared/
 SHARED = Path(os.environ.get("DSVL2_SHARED_DIR") or (REPO_ROOT.parent / "shared" if (REPO_ROOT.parent / "shared").is_dir()
                                                      else REPO_ROOT / ".shared"))
@@ -78,7 +81,7 @@ def parity_stage(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Reference-parity tests on the device, and the bf16 drift figures (skipped, saying why,
     when the reference fixtures are absent: the parity tests' own convention)."""
     root = Path(reference_env()["DSVL2_REFERENCE_DIR"])
-    if not ((root / "checkpoints").is_dir() and (root / "processor").is_dir()):
+    if not reference_available(root):
         return {"skipped": f"no reference fixtures at {root} (set DSVL2_REFERENCE_DIR, or carry shared/: "
                            "docs/benchmark.md)"}
     junit = out / "parity.xml"

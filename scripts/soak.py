@@ -34,7 +34,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.cog_server import CogServer, cog_server, data_uri, parse_sse  # noqa: E402
+from scripts.cog_server import CogServer, cog_server, data_uri, read_sse  # noqa: E402
 
 SIZES = [(64, 48), (320, 200), (200, 480), (640, 480), (1200, 300), (384, 384)]
 PROMPTS = ["Describe this picture.", "What colour dominates?", "<|grounding|>Find the shapes.",
@@ -69,29 +69,20 @@ def make_images(folder: Path) -> list[str]:
     return uris
 
 
-def _post(server: CogServer, body: dict, prediction_id: Optional[str] = None, stream: bool = False,
-          retry_busy: float = 120) -> requests.Response:
-    url = f"{server.base_url}/predictions" + (f"/{prediction_id}" if prediction_id else "")
-    headers = {"Accept": "text/event-stream"} if stream else {}
-    deadline = time.monotonic() + retry_busy
-    while True:
-        send = requests.put if prediction_id else requests.post
-        response = send(url, json=body, headers=headers, stream=stream, timeout=600)
-        if response.status_code != 409 or time.monotonic() > deadline:
-            return response
-        response.close()
-        time.sleep(0.05)  # at capacity: retry, as a client does
+def _send(server: CogServer, inputs: dict, prediction_id: Optional[str] = None,
+          stream: bool = False) -> requests.Response:
+    """One prediction request; at capacity (409) retry for up to 120 s, as a client does."""
+    return server.send_prediction(inputs, prediction_id=prediction_id, stream=stream, timeout=600, retry_busy=120)
 
 
 def run_good(server: CogServer, inputs: dict, stream: bool) -> Outcome:
     started = time.monotonic()
-    response = _post(server, {"input": inputs}, stream=stream)
+    response = _send(server, inputs, stream=stream)
     kind = "stream" if stream else "good"
     if response.status_code != 200:
         return Outcome(kind, False, 0, f"HTTP {response.status_code}: {response.text[:200]}")
     if stream:
-        response.encoding = "utf-8"
-        events = list(parse_sse(line if line is not None else "" for line in response.iter_lines(decode_unicode=True)))
+        events = list(read_sse(response))
         final = events[-1].data if events and events[-1].event == "completed" else {}
         chunks = [e.data["chunk"] for e in events if e.event == "output"]
         ok = final.get("status") == "succeeded" and final.get("output", chunks) == chunks
@@ -105,7 +96,7 @@ def run_cancel(server: CogServer, inputs: dict, delay: float) -> Outcome:
     prediction_id = f"soak-cancel-{uuid.uuid4().hex[:10]}"
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_post, server, {"input": inputs}, prediction_id)
+        pending = pool.submit(_send, server, inputs, prediction_id)
         time.sleep(delay)
         while requests.post(f"{server.base_url}/predictions/{prediction_id}/cancel", timeout=30).status_code == 404:
             if pending.done():
@@ -123,7 +114,7 @@ def run_cancel(server: CogServer, inputs: dict, delay: float) -> Outcome:
 
 def run_bad(server: CogServer, inputs: dict, what: str) -> Outcome:
     started = time.monotonic()
-    response = _post(server, {"input": inputs})
+    response = _send(server, inputs)
     body = response.json()
     expected = BAD[what]
     if expected is None:

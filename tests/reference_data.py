@@ -23,7 +23,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -46,9 +46,10 @@ def reference_dir() -> Path:
     return Path(configured).expanduser() if configured else DEFAULT_REFERENCE_DIR
 
 
-def reference_available() -> bool:
-    """True when the fixture directory holds both checkpoints/ and processor/."""
-    root = reference_dir()
+def reference_available(root: Optional[Path] = None) -> bool:
+    """True when the fixture directory (default: :func:`reference_dir`) holds both checkpoints/
+    and processor/."""
+    root = reference_dir() if root is None else root
     return (root / "checkpoints").is_dir() and (root / "processor").is_dir()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scripts.cog_server import cog_server, data_uri, parse_sse
+from scripts.cog_server import cog_server, data_uri, read_sse
 from scripts.make_test_checkpoint import make_checkpoint
 
 SLOTS = 3
@@ -153,25 +153,13 @@ def test_request_beyond_capacity_gets_409(server, images) -> None:
 def _timed_stream(server, inputs: dict, prediction_id: str) -> dict:
     """PUT a streaming prediction; arrival time of each event (s after sending) and the events.
 
-    A 409 (a slot still being freed after the previous test) is retried for up to 10 s."""
-    import requests
-
-    url = f"{server.base_url}/predictions/{prediction_id}"
-    retry_until = time.monotonic() + 10
-    while True:
-        started = time.monotonic()
-        response = requests.put(url, json={"input": inputs}, headers={"Accept": "text/event-stream"},
-                                stream=True, timeout=300)
-        if response.status_code != 409 or started >= retry_until:
-            break
-        response.close()
-        time.sleep(0.05)
+    A 409 (a slot still being freed after the previous test) is retried (the fixtures' retry_busy);
+    times count from the request that was answered (``elapsed``: its send to its headers)."""
     arrivals, events = [], []
-    with response:
+    with server.send_prediction(inputs, prediction_id=prediction_id, stream=True) as response:
+        started = time.monotonic() - response.elapsed.total_seconds()
         assert response.status_code == 200, response.text
-        response.encoding = "utf-8"
-        lines = (line if line is not None else "" for line in response.iter_lines(decode_unicode=True))
-        for event in parse_sse(lines):
+        for event in read_sse(response):
             arrivals.append(time.monotonic() - started)
             events.append(event)
     return {"arrivals": arrivals, "events": events, "ended": time.monotonic() - started}

@@ -39,7 +39,7 @@ def generator(request, tmp_path_factory) -> Generator:
 
 
 @pytest.mark.parametrize("batch", [1, 6])  # 6 × top-k exceeds the 8 experts: the dense expert path
-def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int) -> None:
+def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int, monkeypatch) -> None:
     generator.reserve(batch, 64)
     params = [SamplingParams(temperature=0.7 if b % 2 else 0.0, top_k=5, seed=b) for b in range(batch)]
     seqs = []
@@ -52,25 +52,21 @@ def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int) 
     # a GPU's does not. Tensor.tolist reads CPU memory without dispatching an op, so it is
     # recorded by hand (on a GPU it is a synchronisation).
     for moe in [m for m in generator.model.modules() if isinstance(m, MoE)]:
-        moe.loop_on_host = False
+        monkeypatch.setattr(moe, "loop_on_host", False)
     listed = []
     original_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: listed.append(self.shape) or original_tolist(self))
     try:
         recorder = OpRecorder()
-        torch.Tensor.tolist = lambda self: listed.append(self.shape) or original_tolist(self)
         with recorder:
             tokens, logits = generator.decode_step(seqs)  # rows written, uniforms drawn, step run
             again, _ = generator.decode_step(seqs)
-        torch.Tensor.tolist = original_tolist
         assert not listed, f"Tensor.tolist in the decode step (a host sync on a GPU): {listed}"
         assert tokens.shape[0] >= batch and logits.shape[0] == tokens.shape[0]
         assert len(recorder.ops) > 50, "the recorder must see the step's ops"
         syncing = sorted({op for op in recorder.ops if any(name in op for name in SYNCING_OPS)})
         assert not syncing, f"host-synchronising ops in the decode step: {syncing}"
     finally:
-        torch.Tensor.tolist = original_tolist
-        for moe in [m for m in generator.model.modules() if isinstance(m, MoE)]:
-            moe.loop_on_host = None
         for seq in seqs:
             generator.engine.release(seq.slot)
 

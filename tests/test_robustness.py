@@ -40,7 +40,7 @@ import predict
 from cog import Path as CogPath
 from deepseek_vl2.serving import errors as serving_errors
 from deepseek_vl2.serving import inputs as serving_inputs
-from scripts.cog_server import CogServer, cog_server, data_uri, parse_sse
+from scripts.cog_server import CogServer, cog_server, data_uri, read_sse
 from deepseek_vl2.inputs.chat_template import ASSISTANT_ROLE, USER_ROLE, format_user_turn, user_turn_segments
 from deepseek_vl2.engine.generation import ContextLengthError, Generator
 from deepseek_vl2.inputs.processor import (
@@ -595,9 +595,7 @@ def test_two_predictions_sent_at_once_are_both_answered(server, concurrent_serve
 def read_events_until(response: requests.Response, wanted: Callable[[Any], bool]):
     """Parse a prediction's server-sent events until one satisfies `wanted`; returns the
     iterator, positioned after it, to keep reading."""
-    response.encoding = "utf-8"
-    events = parse_sse(line if line is not None else ""
-                       for line in response.iter_lines(decode_unicode=True))
+    events = read_sse(response)
     for event in events:
         if wanted(event):
             return events

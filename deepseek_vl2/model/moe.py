@@ -185,9 +185,10 @@ class MoE(nn.Module):
         if x.dim() == 3 and x.shape[1] > 1:  # prefill: many tokens, group them by expert
             expert_out = self.experts.run_grouped(flat, ids)
         elif ids.numel() <= self.experts.gate_up.shape[0]:  # decode, few tokens: only their experts
+            loop_on_host = flat.device.type == "cpu" if self.loop_on_host is None else self.loop_on_host
             if torch.compiler.is_compiling():
                 expert_out = self.experts.run_indexed(flat, ids)
-            elif self.loop_on_host if self.loop_on_host is not None else flat.device.type == "cpu":
+            elif loop_on_host:
                 expert_out = self.experts.run_looped(flat, ids)
             else:
                 expert_out = self.experts.run_gathered(flat, ids)
