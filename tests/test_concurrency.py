@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scripts.cog_server import cog_server, data_uri, read_sse
+from cog_server import cog_server, data_uri, read_sse
 from scripts.make_test_checkpoint import make_checkpoint
 
 SLOTS = 3

@@ -28,9 +28,9 @@ from PIL import Image
 import predict
 from cog import FieldInfo
 from cog import Path as CogPath
-from scripts.cog_server import cog_server, data_uri, serve_directory
+from cog_server import cog_server, data_uri, serve_directory
 from reference_data import reference_dir
-from deepseek_vl2 import weights as download_weights
+from deepseek_vl2.weights import resolve as download_weights
 from deepseek_vl2 import weights
 from deepseek_vl2.serving import inputs as serving_inputs
 from scripts import make_openapi_schema

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from scripts.make_test_checkpoint import make_checkpoint
-from scripts.cog_server import CogServer, cog_server
+from cog_server import CogServer, cog_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README_ADDRESS = "http://127.0.0.1:5000"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.cog_server import cog_server
-from scripts import soak
+from cog_server import cog_server
+import soak
 from scripts.make_test_checkpoint import make_checkpoint
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")

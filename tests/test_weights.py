@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from scripts.cog_server import cog_server, data_uri
+from cog_server import cog_server, data_uri
 from deepseek_vl2 import weights
 from deepseek_vl2.weights import fetch
 from scripts.make_test_checkpoint import make_checkpoint

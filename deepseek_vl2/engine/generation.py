@@ -20,7 +20,7 @@ Interface (predict.py, the scheduler and the benchmark code against it)::
 :meth:`Generator.generate_with_logits` return its ids (and per-step logits).
 
 The pieces are shared by the single-request path and the batching scheduler: a
-:class:`Sequence` is one request's state (slot, length, random generator, text streamer);
+:class:`Request` is one request's state (slot, length, random generator, text streamer);
 :meth:`Generator.prefill_step` fills its slot of the KV cache; :meth:`Generator.sample` picks
 the first token from the prefill logits; :meth:`Generator.decode` runs one decode step (any set
 of sequences together) and reads the new token ids, the only host read of the step.
@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence as Seq
+from typing import Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -88,7 +88,7 @@ class GenerationStats:
 
 
 @dataclass
-class Sequence:
+class Request:
     """State of one request while it generates."""
 
     inputs: ProcessedInputs
@@ -131,7 +131,7 @@ class Generator:
         cls, checkpoint_dir: str | Path, device=None, dtype: Optional[torch.dtype] = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, *, compile: Optional[bool] = None, max_batch: int = 1,
         max_len: Optional[int] = None, config: Optional[DeepseekVL2Config] = None,
-        weight_files: Optional[Seq[Path]] = None,
+        weight_files: Optional[Sequence[Path]] = None,
     ) -> "Generator":
         """Load model and processor from an official checkpoint directory (arguments: module docstring)."""
         model = load_model(checkpoint_dir, device=device, dtype=dtype, config=config, files=weight_files)
@@ -169,13 +169,13 @@ class Generator:
         """Grow the persistent decode state to at least ``max_batch`` slots of ``max_len`` tokens (setup time)."""
         self.engine.reserve(max_batch, max_len)
 
-    def warmup(self, rows: Optional[Seq[int]] = None, kv_lens: Optional[Seq[int]] = None,
-               modes: Seq[str] = ("greedy", "full"), max_seconds: Optional[float] = None) -> dict[str, float]:
+    def warmup(self, rows: Optional[Sequence[int]] = None, kv_lens: Optional[Sequence[int]] = None,
+               modes: Sequence[str] = ("greedy", "full"), max_seconds: Optional[float] = None) -> dict[str, float]:
         """Compile (and on CUDA capture) the decode step's buckets; seconds per bucket (see DecodeEngine.warmup)."""
         return self.engine.warmup(rows, kv_lens, modes, max_seconds)
 
     # ----------------------------------------------------------------------------- inputs
-    def prepare(self, prompt: str, images: Seq[Image.Image], system_prompt: str = "") -> ProcessedInputs:
+    def prepare(self, prompt: str, images: Sequence[Image.Image], system_prompt: str = "") -> ProcessedInputs:
         """Process a single-turn prompt (``<image>`` tags optional) and its images.
 
         Role markers and bos/eos/pad strings in the prompt are plain text; ``<image>`` and the
@@ -212,7 +212,7 @@ class Generator:
 
     # ----------------------------------------------------------------------------- steps
     def new_sequence(self, inputs: ProcessedInputs, params: SamplingParams, slot: int = 0,
-                     limit: Optional[int] = None) -> Sequence:
+                     limit: Optional[int] = None) -> Request:
         """Validate and set up a request's state (no model work yet; ``slot`` -1: not assigned yet)."""
         params.validate()
         prompt_tokens = int(inputs.input_ids.numel())
@@ -226,10 +226,10 @@ class Generator:
         stats = GenerationStats(prompt_tokens=prompt_tokens, max_new_tokens=max_new, seed=seed)
         streamer = TextStreamer(self.processor.tokenizer, self.hidden_token_ids, params.stop)
         seen = make_seen_mask([inputs.input_ids], vocab, device)
-        return Sequence(inputs, params, slot, max_new, seen, generator, streamer, stats)
+        return Request(inputs, params, slot, max_new, seen, generator, streamer, stats)
 
     @torch.inference_mode()
-    def prefill_step(self, seq: Sequence, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> bool:
+    def prefill_step(self, seq: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> bool:
         """Write the next chunk of the prompt into ``seq``'s cache slot; True once the prompt is in.
 
         ``cache`` defaults to the persistent decode state's. The first call embeds the prompt
@@ -255,19 +255,19 @@ class Generator:
         seq.next_logits, seq.embeds = logits[0, -1], None
         return True
 
-    def prefill(self, seq: Sequence, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> None:
+    def prefill(self, seq: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> None:
         """Write the whole prompt into ``seq``'s cache slot, chunk by chunk; sets ``seq.next_logits``."""
         while not self.prefill_step(seq, cache, chunk):
             pass
 
-    def decode(self, seqs: Seq[Sequence]) -> list[str]:
+    def decode(self, seqs: Sequence[Request]) -> list[str]:
         """One decode step for ``seqs`` (each holding a slot, its prompt prefilled and a first token
         sampled): the new tokens are chosen on the device; returns the text each may emit now."""
         tokens, _ = self.decode_step(seqs)
         ids = tokens.tolist()  # the step's one host read
         return self._accept(seqs, [ids[s.slot] for s in seqs])
 
-    def decode_step(self, seqs: Seq[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_step(self, seqs: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step on the device (no host read): new tokens [rows] and logits [rows, V], indexed by slot."""
         for s in seqs:
             if not s.row_started:
@@ -280,7 +280,7 @@ class Generator:
         return tokens, logits
 
     @torch.inference_mode()
-    def decode_logits(self, seqs: Seq[Sequence], cache: KVCache) -> torch.Tensor:
+    def decode_logits(self, seqs: Sequence[Request], cache: KVCache) -> torch.Tensor:
         """Eager reference path over a caller-owned ``cache``: feed each sequence's last token at its
         next position and return the logits [B, V] (choose the tokens with :meth:`sample`)."""
         device = self.model.device
@@ -294,7 +294,7 @@ class Generator:
             s.length += 1
         return logits
 
-    def sample(self, seqs: Seq[Sequence], logits: torch.Tensor) -> list[str]:
+    def sample(self, seqs: Sequence[Request], logits: torch.Tensor) -> list[str]:
         """Choose each sequence's next token from logits [B, V] (the first token, after prefill);
         returns the text each may emit now."""
         seen = torch.cat([s.seen for s in seqs])
@@ -303,7 +303,7 @@ class Generator:
             update_seen(s.seen, tokens[row : row + 1])  # stays on the device
         return self._accept(seqs, tokens.tolist())
 
-    def _accept(self, seqs: Seq[Sequence], tokens: list[int]) -> list[str]:
+    def _accept(self, seqs: Sequence[Request], tokens: list[int]) -> list[str]:
         """Record one new token per sequence, stream its text and apply the stop rules."""
         pieces = []
         for s, token in zip(seqs, tokens):

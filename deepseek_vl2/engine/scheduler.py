@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from typing import AsyncIterator, Iterator, Optional
 
-from .generation import Generator, Sequence
+from .generation import Generator, Request
 from deepseek_vl2.inputs.processor import ProcessedInputs
 from .sampling import SamplingParams
 
@@ -36,7 +36,7 @@ class RequestHandle:
     ``asyncio.Queue`` fed with ``call_soon_threadsafe``, so no executor thread waits per request.
     """
 
-    def __init__(self, seq: Sequence) -> None:
+    def __init__(self, seq: Request) -> None:
         self.seq = seq
         self.cancelled = threading.Event()
         self._events: "queue.Queue[object]" = queue.Queue()

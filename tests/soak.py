@@ -1,7 +1,7 @@
 """Soak test: drive Cog's real server with N mixed predictions and check nothing is lost.
 
-    .venv/bin/python scripts/soak.py --n 500                       # tiny random test checkpoint
-    .venv/bin/python scripts/soak.py --n 200 --weights weights     # a real checkpoint
+    .venv/bin/python tests/soak.py --n 500                       # tiny random test checkpoint
+    .venv/bin/python tests/soak.py --n 200 --weights weights     # a real checkpoint
 
 The mix (seeded): good predictions with 1-4 images of mixed sizes, answer lengths and sampling
 settings, half of them streamed (SSE); long ones cancelled at a random point; bad inputs
@@ -34,7 +34,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.cog_server import CogServer, cog_server, data_uri, read_sse  # noqa: E402
+from cog_server import CogServer, cog_server, data_uri, read_sse  # noqa: E402
 
 SIZES = [(64, 48), (320, 200), (200, 480), (640, 480), (1200, 300), (384, 384)]
 PROMPTS = ["Describe this picture.", "What colour dominates?", "<|grounding|>Find the shapes.",
