@@ -15,7 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from deepseek_vl2.engine.generation import Generator
 from deepseek_vl2.engine.sampling import SamplingParams, sample_next
 from deepseek_vl2.model.moe import MoE
-from scripts.make_test_checkpoint import make_checkpoint
 
 SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "bincount", "item")
 
@@ -30,12 +29,6 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func.__name__ if hasattr(func, "__name__") else str(func))
         return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture(scope="module", params=["tiny", "small", "base"])
-def generator(request, tmp_path_factory) -> Generator:
-    path = make_checkpoint(tmp_path_factory.mktemp(request.param), variant=request.param, seed=1)
-    return Generator.load(path, device="cpu", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("batch", [1, 6])  # 6 × top-k exceeds the 8 experts: the dense expert path

@@ -16,12 +16,6 @@ from deepseek_vl2.engine.scheduler import BatchScheduler
 from scripts.make_test_checkpoint import make_checkpoint
 
 
-@pytest.fixture(scope="module", params=["tiny", "small", "base"])
-def generator(request, tmp_path_factory) -> Generator:
-    path = make_checkpoint(tmp_path_factory.mktemp(request.param), variant=request.param, seed=7, eos_boost=1.0)
-    return Generator.load(path, device="cpu", dtype=torch.float32)
-
-
 def _image(width: int = 500, height: int = 300) -> Image.Image:
     gradient = torch.linspace(0, 255, width).to(torch.uint8).repeat(height, 1)
     rgb = torch.stack([gradient, gradient.flip(1), torch.full_like(gradient, 90)], dim=-1)

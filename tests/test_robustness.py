@@ -103,11 +103,6 @@ def processor(checkpoint: Path) -> DeepseekVL2Processor:
     return DeepseekVL2Processor.from_pretrained(checkpoint)
 
 
-@pytest.fixture(scope="module")
-def generator(checkpoint: Path) -> Generator:
-    return Generator.load(checkpoint, device="cpu", dtype=torch.float32)
-
-
 def container_env() -> dict[str, str]:
     """The variables a built image gets from cog.yaml: its `environment` entries, and
     COG_MAX_CONCURRENCY from `concurrency.max` (only an async predict may have more than one)."""
@@ -785,7 +780,11 @@ def test_split_on_tokens_prefers_the_longest_match() -> None:
 
 # ------------------------------------------------------------------------ engine, direct
 
+# These limits are the engine's, not a variant's: the smallest model is enough (tests/conftest.py).
+on_tiny = pytest.mark.parametrize("generator", ["tiny"], indirect=True)
 
+
+@on_tiny
 def test_prepare_refuses_too_many_images_with_numbers(generator: Generator) -> None:
     images = [noise(40, 30, seed=k) for k in range(10)]  # 10 × 421 tokens > 4096
     with pytest.raises(ContextLengthError) as error:
@@ -796,6 +795,7 @@ def test_prepare_refuses_too_many_images_with_numbers(generator: Generator) -> N
     assert f"holds {generator.context_length}" in message and "needs" in message
 
 
+@on_tiny
 def test_prepare_refuses_a_prompt_filling_the_whole_context(generator: Generator) -> None:
     base = generator.prepare("Go", []).input_ids.numel()
     exactly_full = "Go" + " word" * (generator.context_length - base)
@@ -805,6 +805,7 @@ def test_prepare_refuses_a_prompt_filling_the_whole_context(generator: Generator
     assert generator.prepare(one_left, []).input_ids.numel() == generator.context_length - 1
 
 
+@on_tiny
 def test_budget_shrinks_the_answer_and_logs_it(generator: Generator, caplog) -> None:
     inputs = generator.prepare("Go" + " word" * 3000, [])
     room = generator.context_length - inputs.input_ids.numel()
