@@ -1,6 +1,6 @@
 """Benchmark DeepSeek-VL2 through its engine: time to first token and decode speed, eager and
 compiled side by side (alternating runs in one process), the bandwidth fraction, concurrency and
-the rows of the GPU target table (issue 12 / docs/benchmark.md).
+the rows of the GPU target table (docs/benchmark.md).
 
 The model is random weights of a variant's real shape drawn directly on the device
 (``--random-weights``, the default; ``scripts/random_model.py``; ``--layers`` / ``--vision-layers``
@@ -257,7 +257,7 @@ def run_concurrent(generator: Generator, inputs: ProcessedInputs, level: int, ne
 
 
 # ----------------------------------------------------------------------------- target rows
-TARGETS = {  # issue 12, batch 1, bfloat16, one H100/H200
+TARGETS = {  # the GPU target table: batch 1, bfloat16, one H100/H200
     "decode": {"tiny": 300.0, "small": 150.0, "base": 100.0},
     "ttft": {"tiny": 0.080, "base": 0.200},
     "e2e_1428": {"small": 1.2},

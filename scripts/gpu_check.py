@@ -1,4 +1,4 @@
-"""The GPU check: one prepared run for a lent H100/H200 (≤ 7 minutes), or its CPU dry run.
+"""The GPU check: one prepared run on an H100/H200 machine (≤ 7 minutes), or its CPU dry run.
 
 Stages, each a subprocess with its own time limit, so one that breaks or hangs still leaves the
 others' results:
@@ -36,10 +36,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from reference_data import reference_available  # noqa: E402  (the parity tests' own "fixtures present" rule)
 
-# ../shared beside the checkout; on a lent GPU machine an ignored copy carried as .shared/
+# ../shared beside the checkout; on a GPU machine an ignored copy carried as .shared/
 SHARED = Path(os.environ.get("DSVL2_SHARED_DIR") or (REPO_ROOT.parent / "shared" if (REPO_ROOT.parent / "shared").is_dir()
                                                      else REPO_ROOT / ".shared"))
-VARIANT_ROWS = {  # the GPU table's rows per variant (issue 12)
+VARIANT_ROWS = {  # the GPU table's rows per variant (docs/benchmark.md)
     "tiny": "decode,ttft,concurrency",
     "small": "decode,e2e_1428,memory",
     "base": "decode,ttft,e2e_demo,memory",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared command for a lent H100/H200 (≤ 7 minutes; see scripts/gpu_check.py).
+# The GPU check: one prepared command for an H100/H200 machine (≤ 7 minutes; see scripts/gpu_check.py).
 #
 #   scripts/gpu_check.sh OUTDIR            # on the GPU machine (its Python 3.12 + torch 2.11)
 #   scripts/gpu_check.sh OUTDIR --dry-run  # on the CPU, reduced sizes: every stage runs (CI test)

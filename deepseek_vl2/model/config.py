@@ -1,7 +1,7 @@
 """Configuration of a DeepSeek-VL2 checkpoint, read from the official ``config.json``.
 
 The official files are sparse: a key left at the reference default is simply absent, so every
-field here carries the official default (including the traps the facts file lists, such as
+field here carries the official default (including surprising ones, such as
 ``q_lora_rank`` defaulting to 1536 and ``topk_method`` defaulting to the misspelt "gready").
 Values this implementation cannot run raise :class:`ConfigError` naming the key and the value.
 """
