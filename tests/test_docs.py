@@ -219,3 +219,46 @@ def test_code_points_only_to_docs_that_exist() -> None:
                       for name in re.findall(r"\bdocs/[\w.-]+\.(?:md|txt|png)\b", path.read_text(encoding="utf-8"))
                       if not (REPO_ROOT / name).exists()})
     assert not missing, missing
+
+
+# Words about how the project was made, not about what it does: GPU loans, work sessions, ticket
+# numbers, notes kept beside the project. The product speaks to its users ("not yet measured on
+# a GPU", the name of the thing rather than its ticket).
+BUILD_WORDING = re.compile(
+    r"\blent\b|\blending\b|\bthis session\b|\bthe sessions\b|\bissue #?\d+|\btickets?\b"
+    r"|\bthe facts file\b|\bround \d+\b(?!\.\d)|\bthis round\b",
+    re.I)
+PRODUCT_FILES = ("README.md", "predict.py", "cog.yaml", ".ci", "docs", "deepseek_vl2", "scripts",
+                 "examples", "tests")
+
+
+def product_texts() -> list[Path]:
+    """Every text file of the product (README, code, docs, scripts, tests, CI), this one excepted."""
+    files = []
+    for name in PRODUCT_FILES:
+        root = REPO_ROOT / name
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path != Path(__file__).resolve():
+                files.append(path)
+    return files
+
+
+def test_the_product_says_nothing_about_how_it_was_made() -> None:
+    found = []
+    for path in product_texts():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # images
+        found += [f"{path.relative_to(REPO_ROOT)}:{text.count(chr(10), 0, match.start()) + 1}: {match.group(0)!r}"
+                  for match in BUILD_WORDING.finditer(text)]
+    assert not found, "say it in the user's terms (e.g. 'not yet measured on a GPU'): " + "; ".join(found)
+
+
+def test_the_wording_check_catches_what_it_should() -> None:
+    caught = ["No GPU was lent to this session", "as issue 12 asks", "see the facts file",
+              "before this round", "ticket 4"]
+    passed = ["alpha blending on white", "rounded to 3 digits", "a known issue of coglet 0.23.1",
+              "issues a warning", "round 0.5 up"]
+    assert all(BUILD_WORDING.search(text) for text in caught)
+    assert not any(BUILD_WORDING.search(text) for text in passed), [t for t in passed if BUILD_WORDING.search(t)]
