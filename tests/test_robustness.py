@@ -282,6 +282,13 @@ def local_prompt_tokens(processor: DeepseekVL2Processor, prompt: str, sizes: lis
                              user_text_specials=specials).input_ids
 
 
+def served_input_tokens(server: CogServer, request: dict[str, Any]) -> int:
+    """The prompt tokens (images included) the server counted for a request that must succeed."""
+    status, body = server.predict(request)
+    answer(body)
+    return body["metrics"]["input_token_count"]
+
+
 @pytest.mark.parametrize("prompt", ["", "   \n\t ", "\x00\x01\x1b\x7f"])
 def test_empty_prompt_fails_clearly(server, image_dir, baseline, prompt: str) -> None:
     message = failure(server.predict(valid_request(image_dir, prompt=prompt))[1])
@@ -307,10 +314,8 @@ def test_image_tags_must_match_the_images(server, image_dir, baseline, prompt, s
 
 def test_prompt_without_tags_puts_the_images_first(server, image_dir, processor) -> None:
     request = valid_request(image_dir, image_2=data_uri(image_dir / "ok.png"), prompt="Same?")
-    status, body = server.predict(request)
-    answer(body)
     expected = local_prompt_tokens(processor, "<image>\n<image>\nSame?", [(32, 24)] * 2)
-    assert body["metrics"]["input_token_count"] == expected.numel()
+    assert served_input_tokens(server, request) == expected.numel()
 
 
 def test_text_that_does_not_fit_says_how_many_tokens(server, image_dir, baseline, processor) -> None:
@@ -365,36 +370,28 @@ def test_answer_that_does_not_fit_is_shortened_and_logged(server, image_dir, pro
 
 def test_unicode_prompts_reach_the_model_intact(server, image_dir, processor) -> None:
     prompt = "这张图片里有什么？ 写一首诗。🙂👍🏽 👨‍👩‍👧 مرحبا بالعالم שלום עולם Ünïcödé"
-    status, body = server.predict(valid_request(image_dir, prompt=prompt))
-    answer(body)
     expected = local_prompt_tokens(processor, prompt, [(32, 24)])
-    assert body["metrics"]["input_token_count"] == expected.numel()
+    assert served_input_tokens(server, valid_request(image_dir, prompt=prompt)) == expected.numel()
 
 
 def test_control_characters_are_removed(server, image_dir, processor) -> None:
     typed = "What\x00 is\x07 this?\r\nAnswer\x1b[0m\x85 briefly.\r\tThanks"
     cleaned = "What is this?\nAnswer[0m briefly.\n\tThanks"  # what the model must see
-    status, body = server.predict(valid_request(image_dir, prompt=typed))
-    answer(body)
     expected = local_prompt_tokens(processor, cleaned, [(32, 24)])
-    assert body["metrics"]["input_token_count"] == expected.numel()
+    assert served_input_tokens(server, valid_request(image_dir, prompt=typed)) == expected.numel()
 
 
 def test_typed_special_tokens_are_plain_text(server, image_dir, processor) -> None:
-    status, body = server.predict(valid_request(image_dir, prompt=TYPED_SPECIALS))
-    answer(body)
     as_text = local_prompt_tokens(processor, TYPED_SPECIALS, [(32, 24)])
     as_specials = local_prompt_tokens(processor, TYPED_SPECIALS, [(32, 24)], specials="all")
     assert as_text.numel() != as_specials.numel()  # so the count tells which one the server used
-    assert body["metrics"]["input_token_count"] == as_text.numel()
+    assert served_input_tokens(server, valid_request(image_dir, prompt=TYPED_SPECIALS)) == as_text.numel()
 
 
 def test_grounding_prompt_keeps_its_tags(server, image_dir, processor) -> None:
     prompt = "<|grounding|>Locate <|ref|>the red square<|/ref|>."
-    status, body = server.predict(valid_request(image_dir, prompt=prompt))
-    answer(body)
     expected = local_prompt_tokens(processor, prompt, [(32, 24)])
-    assert body["metrics"]["input_token_count"] == expected.numel()
+    assert served_input_tokens(server, valid_request(image_dir, prompt=prompt)) == expected.numel()
     vocab = processor.tokenizer.get_vocab()
     for tag in ("<|grounding|>", "<|ref|>", "<|/ref|>"):
         assert (expected == vocab[tag]).sum() == 1
