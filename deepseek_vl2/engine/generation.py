@@ -3,15 +3,19 @@
 Interface (predict.py, the scheduler and the benchmark code against it)::
 
     Generator.load(checkpoint_dir, device=None, dtype=None, prefill_chunk=512, *,
-                   compile=None, max_batch=1, max_len=None, config=None, weight_files=None)
+                   compile=None, max_batch=1, max_len=None, kv_bucket=256, config=None, weight_files=None)
 
-* ``compile``: None → the environment variable ``DSVL2_COMPILE`` ("0" eager, "1" compiled) when
-  set, else compiled on CUDA and eager on CPU. Compiled = ``torch.compile(fullgraph=True)`` of
-  the decode step, replayed as CUDA graphs on CUDA (``engine/decode.py``).
+The settings come from the caller (a server reads them once into an
+:class:`~.config.EngineConfig`); nothing here reads the environment.
+
+* ``compile``: True/False, or None: compiled on CUDA and eager on CPU. Compiled =
+  ``torch.compile(fullgraph=True)`` of the decode step, replayed as CUDA graphs on CUDA
+  (``engine/decode.py``).
 * ``max_batch`` × ``max_len``: the persistent decode state (KV cache and every buffer a decode
   step touches), allocated here, once: ``max_batch`` requests at a time of up to ``max_len``
   tokens each (default: the model's context). A :class:`~.scheduler.BatchScheduler` needing
   more slots grows it once, when it is built.
+* ``kv_bucket``: decode steps attend over the cache rounded up to a multiple of this.
 * ``config`` / ``weight_files``: an already-parsed config and the checkpoint's safetensors
   files, so that setup reads ``config.json`` and the file headers once.
 
@@ -29,7 +33,6 @@ of sequences together) and reads the new token ids, the only host read of the st
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,29 +46,15 @@ from deepseek_vl2.model.checkpoint import load_model
 from deepseek_vl2.model.config import DeepseekVL2Config
 from deepseek_vl2.model.kv_cache import KVCache
 from deepseek_vl2.model.multimodal import DeepseekVL2
+from .config import DEFAULT_KV_BUCKET, DEFAULT_PREFILL_CHUNK, resolve_compile
 from .decode import DecodeEngine
 from .sampling import SamplingParams, make_generator, make_seen_mask, sample_next, update_seen
 from .streaming import TextStreamer, hidden_special_ids
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = 512
-KV_LEN_BUCKET = 256
-COMPILE_ENV = "DSVL2_COMPILE"
-
-
 class ContextLengthError(ValueError):
     """The prompt does not fit the model's context window (or the server's per-request cache)."""
-
-
-def resolve_compile(compile: Optional[bool], device: torch.device) -> bool:
-    """Whether to compile the decode step: ``compile`` if given, else $DSVL2_COMPILE, else CUDA only."""
-    if compile is not None:
-        return bool(compile)
-    value = os.environ.get(COMPILE_ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{COMPILE_ENV} must be 0 (eager) or 1 (compiled), got {value!r}")
-    return value == "1" if value else device.type == "cuda"
 
 
 @dataclass
@@ -116,7 +105,8 @@ class Generator:
     """DeepSeek-VL2 model + processor, with chunked prefill, a persistent decode state and streaming."""
 
     def __init__(self, model: DeepseekVL2, processor: DeepseekVL2Processor, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 *, compile: Optional[bool] = None, max_batch: int = 1, max_len: Optional[int] = None) -> None:
+                 *, compile: Optional[bool] = None, max_batch: int = 1, max_len: Optional[int] = None,
+                 kv_bucket: int = DEFAULT_KV_BUCKET) -> None:
         self.model = model
         self.processor = processor
         self.prefill_chunk = prefill_chunk
@@ -124,19 +114,20 @@ class Generator:
         self.last_tokens: list[int] = []
         self.hidden_token_ids = hidden_special_ids(processor.tokenizer)  # grounding tags stay visible
         self.engine = DecodeEngine(model, max_batch, max_len or self.context_length,
-                                   resolve_compile(compile, model.device), KV_LEN_BUCKET)
+                                   resolve_compile(compile, model.device.type), kv_bucket)
 
     @classmethod
     def load(
         cls, checkpoint_dir: str | Path, device=None, dtype: Optional[torch.dtype] = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, *, compile: Optional[bool] = None, max_batch: int = 1,
-        max_len: Optional[int] = None, config: Optional[DeepseekVL2Config] = None,
+        max_len: Optional[int] = None, kv_bucket: int = DEFAULT_KV_BUCKET, config: Optional[DeepseekVL2Config] = None,
         weight_files: Optional[Sequence[Path]] = None,
     ) -> "Generator":
         """Load model and processor from an official checkpoint directory (arguments: module docstring)."""
         model = load_model(checkpoint_dir, device=device, dtype=dtype, config=config, files=weight_files)
         processor = DeepseekVL2Processor.from_pretrained(checkpoint_dir)
-        return cls(model, processor, prefill_chunk, compile=compile, max_batch=max_batch, max_len=max_len)
+        return cls(model, processor, prefill_chunk, compile=compile, max_batch=max_batch, max_len=max_len,
+                   kv_bucket=kv_bucket)
 
     @property
     def variant(self) -> str:
