@@ -96,7 +96,7 @@ def test_compiled_batched_decode_equals_single_and_eager() -> None:
         handles = [scheduler.submit(i, p) for i, p in zip(inputs, params)]
         for handle in handles:
             "".join(handle)
-        assert [h.seq.tokens for h in handles] == single
+        assert [h.request.tokens for h in handles] == single
     finally:
         scheduler.close()
 

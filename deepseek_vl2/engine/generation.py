@@ -24,17 +24,18 @@ The settings come from the caller (a server reads them once into an
 :meth:`Generator.generate_with_logits` return its ids (and per-step logits).
 
 The pieces are shared by the single-request path and the batching scheduler: a
-:class:`Request` is one request's state (slot, length, random generator, text streamer);
-:meth:`Generator.prefill_step` fills its slot of the KV cache; :meth:`Generator.sample` picks
-the first token from the prefill logits; :meth:`Generator.decode` runs one decode step (any set
-of sequences together) and reads the new token ids, the only host read of the step.
+:class:`~.request.Request` is one request's state (phase, slot, length, random generator, text
+streamer); :meth:`Generator.admit` / :meth:`Generator.release` hand it a decode-state slot and
+take it back; :meth:`Generator.prefill_step` fills its slot of the KV cache;
+:meth:`Generator.sample` picks the first token from the prefill logits;
+:meth:`Generator.next_tokens` runs one decode step (any set of requests together) and reads the
+new token ids, the only host read of the step; :meth:`Generator.accept` records one token.
 :meth:`Generator.decode_logits` is the eager reference path over a caller-owned cache.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -48,57 +49,14 @@ from deepseek_vl2.model.kv_cache import KVCache
 from deepseek_vl2.model.multimodal import DeepseekVL2
 from .config import DEFAULT_KV_BUCKET, DEFAULT_PREFILL_CHUNK, resolve_compile
 from .decode import DecodeEngine
-from .sampling import SamplingParams, make_generator, make_seen_mask, sample_next, update_seen
+from .request import GenerationStats, Phase, Request
+from .sampling import SamplingParams, draw_uniforms, make_generator, make_seen_mask, sample_next, update_seen
 from .streaming import TextStreamer, hidden_special_ids
 
 log = logging.getLogger(__name__)
 
 class ContextLengthError(ValueError):
     """The prompt does not fit the model's context window (or the server's per-request cache)."""
-
-
-@dataclass
-class GenerationStats:
-    """Counts and timings of one generation (filled as it runs)."""
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    max_new_tokens: int = 0
-    seed: Optional[int] = None
-    time_to_first_token: float = 0.0
-    total_seconds: float = 0.0
-    finish_reason: str = ""
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Decode speed after the first token."""
-        decode_time = self.total_seconds - self.time_to_first_token
-        return (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else 0.0
-
-
-@dataclass
-class Request:
-    """State of one request while it generates."""
-
-    inputs: ProcessedInputs
-    params: SamplingParams
-    slot: int
-    max_new_tokens: int
-    seen: torch.Tensor  # [1, V] bool until the first decode step (then the decode state's row holds it)
-    generator: torch.Generator
-    streamer: TextStreamer
-    stats: GenerationStats
-    length: int = 0  # tokens in the cache
-    tokens: list[int] = field(default_factory=list)
-    next_logits: Optional[torch.Tensor] = None  # [V] float32
-    embeds: Optional[torch.Tensor] = None  # [1, T, D] while prefilling
-    started: float = field(default_factory=time.perf_counter)
-    finished: bool = False
-    row_started: bool = False  # its row of the decode state is written
-
-    @property
-    def last_token(self) -> int:
-        return self.tokens[-1]
 
 
 class Generator:
@@ -202,9 +160,14 @@ class Generator:
         return self.token_limit if limit is None else min(limit, self.token_limit)
 
     # ----------------------------------------------------------------------------- steps
-    def new_sequence(self, inputs: ProcessedInputs, params: SamplingParams, slot: int = 0,
-                     limit: Optional[int] = None) -> Request:
-        """Validate and set up a request's state (no model work yet; ``slot`` -1: not assigned yet)."""
+    def new_request(self, inputs: ProcessedInputs, params: SamplingParams, slot: Optional[int] = 0,
+                    limit: Optional[int] = None) -> Request:
+        """Set up a request's state (no model work yet).
+
+        ``slot``: the cache row it writes — a decode-state slot from ``engine.acquire()``, row 0
+        of a caller-owned cache (the default), or None: it WAITS until :meth:`admit` (a
+        scheduler) gives it one. Raises ContextLengthError when the prompt cannot fit ``limit``.
+        """
         params.validate()
         prompt_tokens = int(inputs.input_ids.numel())
         max_new = self.budget(prompt_tokens, params.max_new_tokens, limit=limit, inputs=inputs)
@@ -217,19 +180,30 @@ class Generator:
         stats = GenerationStats(prompt_tokens=prompt_tokens, max_new_tokens=max_new, seed=seed)
         streamer = TextStreamer(self.processor.tokenizer, self.hidden_token_ids, params.stop)
         seen = make_seen_mask([inputs.input_ids], vocab, device)
-        return Request(inputs, params, slot, max_new, seen, generator, streamer, stats)
+        return Request(inputs, params, max_new, seen, generator, streamer, stats, slot=slot)
+
+    def admit(self, request: Request) -> None:
+        """Give a WAITING request the lowest free decode-state slot (raises SlotsExhaustedError)."""
+        request.assign(self.engine.acquire())
+
+    def release(self, request: Request) -> None:
+        """Give the request's decode-state slot back, if it holds one (its row goes idle)."""
+        if request.slot is not None:
+            slot, request.slot = request.slot, None
+            self.engine.release(slot)
 
     @torch.inference_mode()
     def prefill_step(self, seq: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> bool:
         """Write the next chunk of the prompt into ``seq``'s cache slot; True once the prompt is in.
 
         ``cache`` defaults to the persistent decode state's. The first call embeds the prompt
-        (vision tower over all tiles in one batch); the last sets ``seq.next_logits``.
+        (vision tower over all tiles in one batch); the last sets ``seq.next_logits`` and the
+        phase SAMPLING.
         """
+        if seq.phase is not Phase.PREFILLING or seq.slot is None:
+            raise RuntimeError(f"only a request holding a slot prefills; this one is {seq.phase.value}")
         chunk = chunk or self.prefill_chunk
         cache = cache if cache is not None else self.engine.state.cache
-        if seq.slot < 0:
-            raise RuntimeError("the sequence holds no slot: acquire one first")
         if seq.embeds is None:
             inputs = seq.inputs
             seq.embeds = self.model.embed_inputs(
@@ -243,7 +217,7 @@ class Generator:
         seq.length = end
         if end < total:
             return False
-        seq.next_logits, seq.embeds = logits[0, -1], None
+        seq.next_logits, seq.embeds, seq.phase = logits[0, -1], None, Phase.SAMPLING
         return True
 
     def prefill(self, seq: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> None:
@@ -251,24 +225,57 @@ class Generator:
         while not self.prefill_step(seq, cache, chunk):
             pass
 
-    def decode(self, seqs: Sequence[Request]) -> list[str]:
-        """One decode step for ``seqs`` (each holding a slot, its prompt prefilled and a first token
-        sampled): the new tokens are chosen on the device; returns the text each may emit now."""
+    def next_tokens(self, seqs: Sequence[Request]) -> list[int]:
+        """One decode step for ``seqs`` (each holding a slot, its first token chosen): the new token
+        of each, read in the step's one host read. Record them with :meth:`accept`.
+
+        The step writes every row it covers in place and draws from each request's generator,
+        so after an exception here the requests' device rows may be a step ahead of them: a
+        caller fails them rather than stepping them again.
+        """
         tokens, _ = self.decode_step(seqs)
         ids = tokens.tolist()  # the step's one host read
-        return self._accept(seqs, [ids[s.slot] for s in seqs])
+        return [ids[s.slot] for s in seqs]
 
     def decode_step(self, seqs: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step on the device (no host read): new tokens [rows] and logits [rows, V], indexed by slot."""
+        """One decode step on the device (no host read): new tokens [rows] and logits [rows, V], indexed by slot.
+
+        A SAMPLING request's decode-state row is written first (it becomes DECODING)."""
         for s in seqs:
-            if not s.row_started:
+            if s.phase is Phase.SAMPLING:
                 self.engine.start_row(s.slot, s.last_token, s.length, s.seen, s.params)
-                s.row_started = True
+                s.phase = Phase.DECODING
+            elif s.phase is not Phase.DECODING:
+                raise RuntimeError(f"only a request with its first token decodes; this one is {s.phase.value}")
         tokens, logits = self.engine.step([s.slot for s in seqs], [s.length for s in seqs],
                                           [s.params for s in seqs], [s.generator for s in seqs])
         for s in seqs:
             s.length += 1
         return tokens, logits
+
+    def rewind(self, seq: Request) -> None:
+        """Put a request that was in a failed decode step back to what it has recorded.
+
+        The step may have written its decode-state row (token, position, seen ids) and drawn
+        from its generator before failing. Rebuilt from its own record — prompt, accepted tokens,
+        seed — its length, seen ids and generator return to their state before that step (the
+        generator is reseeded and advanced by one draw per sampled token), and it goes back to
+        SAMPLING so its next step rewrites its row. Stepping it again then gives exactly the
+        token the failed step would have given; the cache position the failed step may have
+        written is written again with the same values.
+        """
+        if seq.phase not in (Phase.SAMPLING, Phase.DECODING):
+            raise RuntimeError(f"only a decoding request rewinds; this one is {seq.phase.value}")
+        device = self.model.device
+        seq.length = seq.stats.prompt_tokens + len(seq.tokens) - 1  # the last token is not in the cache yet
+        ids = torch.cat([seq.inputs.input_ids.reshape(-1).cpu(), torch.tensor(seq.tokens, dtype=torch.long)])
+        seq.seen = make_seen_mask([ids], self.model.config.language.vocab_size, device)
+        if not seq.params.is_greedy:  # one uniform per sampled token
+            seq.generator.manual_seed(seq.stats.seed)
+            scratch = torch.empty(1, 1, dtype=torch.float64, device=seq.generator.device)
+            for _ in seq.tokens:
+                draw_uniforms([seq.generator], [True], scratch)
+        seq.phase = Phase.SAMPLING
 
     @torch.inference_mode()
     def decode_logits(self, seqs: Sequence[Request], cache: KVCache) -> torch.Tensor:
@@ -286,34 +293,32 @@ class Generator:
         return logits
 
     def sample(self, seqs: Sequence[Request], logits: torch.Tensor) -> list[str]:
-        """Choose each sequence's next token from logits [B, V] (the first token, after prefill);
-        returns the text each may emit now."""
+        """Choose each SAMPLING sequence's next token from logits [B, V] (the first token, after
+        prefill); returns the text each may emit now."""
         seen = torch.cat([s.seen for s in seqs])
         tokens = sample_next(logits, seen, [s.params for s in seqs], [s.generator for s in seqs])
         for row, s in enumerate(seqs):
             update_seen(s.seen, tokens[row : row + 1])  # stays on the device
-        return self._accept(seqs, tokens.tolist())
+        return [self.accept(s, token) for s, token in zip(seqs, tokens.tolist())]
 
-    def _accept(self, seqs: Sequence[Request], tokens: list[int]) -> list[str]:
-        """Record one new token per sequence, stream its text and apply the stop rules."""
-        pieces = []
-        for s, token in zip(seqs, tokens):
-            s.tokens.append(token)
-            s.stats.new_tokens += 1
-            if s.stats.new_tokens == 1:
-                s.stats.time_to_first_token = time.perf_counter() - s.started
-            piece = s.streamer.push(token)
-            if token == self.eos_id and not s.params.ignore_eos:
-                s.finished, s.stats.finish_reason = True, "stop"
-            elif s.streamer.stopped:
-                s.finished, s.stats.finish_reason = True, "stop_string"
-            elif s.stats.new_tokens >= s.max_new_tokens:
-                s.finished, s.stats.finish_reason = True, "length"
-            if s.finished:
-                piece += s.streamer.finish()
-                s.stats.total_seconds = time.perf_counter() - s.started
-            pieces.append(piece)
-        return pieces
+    def accept(self, seq: Request, token: int) -> str:
+        """Record one new token of ``seq``, stream its text and apply the stop rules; the text it may emit now."""
+        seq.tokens.append(token)
+        seq.stats.new_tokens += 1
+        if seq.stats.new_tokens == 1:
+            seq.stats.time_to_first_token = time.perf_counter() - seq.started
+        piece = seq.streamer.push(token)
+        if token == self.eos_id and not seq.params.ignore_eos:
+            reason = "stop"
+        elif seq.streamer.stopped:
+            reason = "stop_string"
+        elif seq.stats.new_tokens >= seq.max_new_tokens:
+            reason = "length"
+        else:
+            return piece
+        piece += seq.streamer.finish()
+        seq.finish(reason)
+        return piece
 
     # ----------------------------------------------------------------------------- one request
     def stream(self, inputs: ProcessedInputs, params: SamplingParams) -> Iterator[str]:
@@ -325,9 +330,9 @@ class Generator:
     def _generate(self, inputs: ProcessedInputs, params: SamplingParams,
                   keep_logits: bool) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
         """(text piece, the logits the token was chosen from when ``keep_logits``) per new token."""
-        seq = self.new_sequence(inputs, params)
+        seq = self.new_request(inputs, params, slot=None)
         self.last_stats, self.last_tokens = seq.stats, seq.tokens
-        seq.slot = self.engine.acquire()
+        self.admit(seq)
         try:
             self.prefill(seq)
             logits = seq.next_logits
@@ -338,10 +343,9 @@ class Generator:
                     return
                 tokens, all_logits = self.decode_step([seq])
                 logits = all_logits[seq.slot]
-                piece = self._accept([seq], [tokens.tolist()[seq.slot]])[0]
+                piece = self.accept(seq, tokens.tolist()[seq.slot])
         finally:
-            self.engine.release(seq.slot)
-            seq.slot = -1
+            self.release(seq)
 
     def generate_ids(self, inputs: ProcessedInputs, params: SamplingParams) -> list[int]:
         """All generated token ids (eos included when it was produced)."""

@@ -26,7 +26,8 @@ from deepseek_vl2 import weights
 from deepseek_vl2.engine.config import EngineConfig
 from deepseek_vl2.engine.generation import Generator
 from deepseek_vl2.engine.sampling import SamplingParams
-from deepseek_vl2.engine.scheduler import BatchScheduler, RequestHandle
+from deepseek_vl2.engine.handle import RequestHandle
+from deepseek_vl2.engine.scheduler import BatchScheduler
 from deepseek_vl2.grounding import parse_grounding
 from deepseek_vl2.inputs.images import load_image
 from deepseek_vl2.model.checkpoint import default_device, default_dtype, weight_files
