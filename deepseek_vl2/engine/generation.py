@@ -168,7 +168,6 @@ class Generator:
         of a caller-owned cache (the default), or None: it WAITS until :meth:`admit` (a
         scheduler) gives it one. Raises ContextLengthError when the prompt cannot fit ``limit``.
         """
-        params.validate()
         prompt_tokens = int(inputs.input_ids.numel())
         max_new = self.budget(prompt_tokens, params.max_new_tokens, limit=limit, inputs=inputs)
         if max_new < params.max_new_tokens:
