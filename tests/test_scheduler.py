@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from deepseek_vl2.engine.decode import SlotsExhaustedError
 from deepseek_vl2.engine.generation import Generator
 from deepseek_vl2.engine.request import Phase
 from deepseek_vl2.engine.sampling import SamplingParams
@@ -178,3 +179,32 @@ def test_a_failure_recording_one_token_fails_that_request_only(generator: Genera
     first, second, third = _run_batched(generator, params)
     assert isinstance(second, RuntimeError) and "recording a token" in str(second)
     assert [first, third] == [expected[0], expected[2]]
+
+
+def test_a_slot_taken_between_plan_and_admission_leaves_the_request_waiting(generator: Generator,
+                                                                            monkeypatch) -> None:
+    """Another caller (a single-request stream) may take the free slot the plan counted: the
+    request waits for the next turn instead of stopping the scheduler."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    inputs = generator.prepare("Hi", [])
+    expected = generator.generate_ids(inputs, params)
+    real_admit = generator.admit
+    refused = []
+
+    def admit_refusing_once(request):
+        if not refused:
+            refused.append(request)
+            raise SlotsExhaustedError("all slots taken meanwhile (injected)")
+        return real_admit(request)
+
+    monkeypatch.setattr(generator, "admit", admit_refusing_once)
+    scheduler = BatchScheduler(generator, max_batch=2, max_len=1024)
+    try:
+        handle = scheduler.submit(inputs, params)
+        reader = threading.Thread(target=lambda: "".join(handle), daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        assert not reader.is_alive(), "the request never finished: the scheduler stopped"
+        assert refused and handle.request.tokens == expected
+    finally:
+        scheduler.close()

@@ -26,6 +26,7 @@ from typing import Generic, Optional, Sequence, TypeVar
 
 from deepseek_vl2.inputs.processor import ProcessedInputs
 from .config import DEFAULT_MAX_WAITING
+from .decode import SlotsExhaustedError
 from .generation import Generator
 from .handle import RequestHandle
 from .sampling import SamplingParams
@@ -121,10 +122,12 @@ class BatchScheduler:
                 self._drop_cancelled()
                 plan = schedule(self._waiting, self._prefilling, self._decoding, len(self.engine.free_slots),
                                 self.max_batch)
-                for handle in plan.admit:
-                    self._waiting.popleft()
-                    self.generator.admit(handle.request)
-                    self._prefilling.append(handle)
+                try:
+                    for handle in plan.admit:
+                        self.generator.admit(handle.request)
+                        self._prefilling.append(self._waiting.popleft())
+                except SlotsExhaustedError:  # a single-request stream took a free slot meanwhile
+                    continue  # plan again with the slots that are free now
             if plan.prefill is not None:
                 self._prefill(plan.prefill)
             if plan.decode:
