@@ -83,3 +83,14 @@ def test_only_the_config_and_the_weights_read_the_environment() -> None:
     readers = {str(f.relative_to(REPO_ROOT)): lines for f in files if (lines := _environment_readers(f))}
     assert set(readers) <= allowed, {k: v for k, v in readers.items() if k not in allowed}
     assert "deepseek_vl2/engine/config.py" in readers, "the check must see the one reader"
+
+
+def test_the_checkpoint_variables_are_read_in_one_place() -> None:
+    from deepseek_vl2.weights.resolve import DEFAULT_WEIGHTS_DIR, WeightsEnvironment
+
+    unset = WeightsEnvironment.from_environment({"COG_WEIGHTS": "", "DSVL2_VARIANT": ""})
+    assert (unset.weights, unset.variant, unset.download_dir) == (None, None, DEFAULT_WEIGHTS_DIR)
+    assert unset.hub == "https://huggingface.co"
+    given = WeightsEnvironment.from_environment({"COG_WEIGHTS": "/ckpt", "DSVL2_VARIANT": "tiny",
+                                                 "DSVL2_DOWNLOAD_DIR": "/dl", "HF_ENDPOINT": "http://hub"})
+    assert (given.weights, given.variant, str(given.download_dir), given.hub) == ("/ckpt", "tiny", "/dl", "http://hub")
