@@ -208,3 +208,26 @@ def test_a_slot_taken_between_plan_and_admission_leaves_the_request_waiting(gene
         assert refused and handle.request.tokens == expected
     finally:
         scheduler.close()
+
+
+def test_a_request_waits_while_every_slot_is_held_outside_and_runs_once_one_is_free(generator: Generator) -> None:
+    params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    inputs = generator.prepare("Hi", [])
+    expected = generator.generate_ids(inputs, params)
+    scheduler = BatchScheduler(generator, max_batch=2, max_len=1024)
+    held = [generator.engine.acquire() for _ in range(len(generator.engine.free_slots))]
+    try:
+        handle = scheduler.submit(inputs, params)
+        reader = threading.Thread(target=lambda: "".join(handle), daemon=True)
+        reader.start()
+        reader.join(timeout=0.5)
+        assert reader.is_alive() and handle.request.phase is Phase.WAITING and handle.request.slot is None
+        for slot in held:
+            generator.engine.release(slot)
+        held = []
+        reader.join(timeout=60)
+        assert not reader.is_alive() and handle.request.tokens == expected
+    finally:
+        for slot in held:
+            generator.engine.release(slot)
+        scheduler.close()

@@ -34,6 +34,7 @@ from .sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
+SLOT_POLL_SECONDS = 0.01  # how often requests waiting for slots held outside the scheduler look again
 
 
 class CapacityError(RuntimeError):
@@ -128,6 +129,9 @@ class BatchScheduler:
                         self._prefilling.append(self._waiting.popleft())
                 except SlotsExhaustedError:  # a single-request stream took a free slot meanwhile
                     continue  # plan again with the slots that are free now
+                if plan.prefill is None and not plan.decode:  # only waiting, for slots held outside
+                    self._wake.wait(timeout=SLOT_POLL_SECONDS)  # their release does not notify: poll, don't spin
+                    continue
             if plan.prefill is not None:
                 self._prefill(plan.prefill)
             if plan.decode:
