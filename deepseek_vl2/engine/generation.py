@@ -192,67 +192,67 @@ class Generator:
             self.engine.release(slot)
 
     @torch.inference_mode()
-    def prefill_step(self, seq: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> bool:
-        """Write the next chunk of the prompt into ``seq``'s cache slot; True once the prompt is in.
+    def prefill_step(self, request: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> bool:
+        """Write the next chunk of the prompt into ``request``'s cache slot; True once the prompt is in.
 
         ``cache`` defaults to the persistent decode state's. The first call embeds the prompt
-        (vision tower over all tiles in one batch); the last sets ``seq.next_logits`` and the
+        (vision tower over all tiles in one batch); the last sets ``request.next_logits`` and the
         phase SAMPLING.
         """
-        if seq.phase is not Phase.PREFILLING or seq.slot is None:
-            raise RuntimeError(f"only a request holding a slot prefills; this one is {seq.phase.value}")
+        if request.phase is not Phase.PREFILLING or request.slot is None:
+            raise RuntimeError(f"only a request holding a slot prefills; this one is {request.phase.value}")
         chunk = chunk or self.prefill_chunk
         cache = cache if cache is not None else self.engine.state.cache
-        if seq.embeds is None:
-            inputs = seq.inputs
-            seq.embeds = self.model.embed_inputs(
+        if request.embeds is None:
+            inputs = request.inputs
+            request.embeds = self.model.embed_inputs(
                 inputs.input_ids, inputs.images, inputs.images_seq_mask, inputs.images_spatial_crop
             ).unsqueeze(0)
-        start, total = seq.length, seq.embeds.shape[1]
+        start, total = request.length, request.embeds.shape[1]
         end = min(start + chunk, total)
         positions = torch.arange(start, end, device=self.model.device).unsqueeze(0)
-        slots = slice(seq.slot, seq.slot + 1)  # one slot: the cache is read as a view
-        logits = self.model.forward_embeds(seq.embeds[:, start:end], positions, cache, slots, kv_len=end, last_only=True)
-        seq.length = end
+        slots = slice(request.slot, request.slot + 1)  # one slot: the cache is read as a view
+        logits = self.model.forward_embeds(request.embeds[:, start:end], positions, cache, slots, kv_len=end, last_only=True)
+        request.length = end
         if end < total:
             return False
-        seq.next_logits, seq.embeds, seq.phase = logits[0, -1], None, Phase.SAMPLING
+        request.next_logits, request.embeds, request.phase = logits[0, -1], None, Phase.SAMPLING
         return True
 
-    def prefill(self, seq: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> None:
-        """Write the whole prompt into ``seq``'s cache slot, chunk by chunk; sets ``seq.next_logits``."""
-        while not self.prefill_step(seq, cache, chunk):
+    def prefill(self, request: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> None:
+        """Write the whole prompt into ``request``'s cache slot, chunk by chunk; sets ``request.next_logits``."""
+        while not self.prefill_step(request, cache, chunk):
             pass
 
-    def next_tokens(self, seqs: Sequence[Request]) -> list[int]:
-        """One decode step for ``seqs`` (each holding a slot, its first token chosen): the new token
+    def next_tokens(self, requests: Sequence[Request]) -> list[int]:
+        """One decode step for ``requests`` (each holding a slot, its first token chosen): the new token
         of each, read in the step's one host read. Record them with :meth:`accept`.
 
         The step writes every row it covers in place and draws from each request's generator,
         so after an exception here the requests' device rows may be a step ahead of them: a
         caller fails them rather than stepping them again.
         """
-        tokens, _ = self.decode_step(seqs)
+        tokens, _ = self.decode_step(requests)
         ids = tokens.tolist()  # the step's one host read
-        return [ids[s.slot] for s in seqs]
+        return [ids[s.slot] for s in requests]
 
-    def decode_step(self, seqs: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_step(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step on the device (no host read): new tokens [rows] and logits [rows, V], indexed by slot.
 
         A SAMPLING request's decode-state row is written first (it becomes DECODING)."""
-        for s in seqs:
+        for s in requests:
             if s.phase is Phase.SAMPLING:
                 self.engine.start_row(s.slot, s.last_token, s.length, s.seen, s.params)
                 s.phase = Phase.DECODING
             elif s.phase is not Phase.DECODING:
                 raise RuntimeError(f"only a request with its first token decodes; this one is {s.phase.value}")
-        tokens, logits = self.engine.step([s.slot for s in seqs], [s.length for s in seqs],
-                                          [s.params for s in seqs], [s.generator for s in seqs])
-        for s in seqs:
+        tokens, logits = self.engine.step([s.slot for s in requests], [s.length for s in requests],
+                                          [s.params for s in requests], [s.generator for s in requests])
+        for s in requests:
             s.length += 1
         return tokens, logits
 
-    def rewind(self, seq: Request) -> None:
+    def rewind(self, request: Request) -> None:
         """Put a request that was in a failed decode step back to what it has recorded.
 
         The step may have written its decode-state row (token, position, seen ids) and drawn
@@ -263,60 +263,60 @@ class Generator:
         token the failed step would have given; the cache position the failed step may have
         written is written again with the same values.
         """
-        if seq.phase not in (Phase.SAMPLING, Phase.DECODING):
-            raise RuntimeError(f"only a decoding request rewinds; this one is {seq.phase.value}")
+        if request.phase not in (Phase.SAMPLING, Phase.DECODING):
+            raise RuntimeError(f"only a decoding request rewinds; this one is {request.phase.value}")
         device = self.model.device
-        seq.length = seq.stats.prompt_tokens + len(seq.tokens) - 1  # the last token is not in the cache yet
-        ids = torch.cat([seq.inputs.input_ids.reshape(-1).cpu(), torch.tensor(seq.tokens, dtype=torch.long)])
-        seq.seen = make_seen_mask([ids], self.model.config.language.vocab_size, device)
-        if not seq.params.is_greedy:  # one uniform per sampled token
-            seq.generator.manual_seed(seq.stats.seed)
-            scratch = torch.empty(1, 1, dtype=torch.float64, device=seq.generator.device)
-            for _ in seq.tokens:
-                draw_uniforms([seq.generator], [True], scratch)
-        seq.phase = Phase.SAMPLING
+        request.length = request.stats.prompt_tokens + len(request.tokens) - 1  # the last token is not in the cache yet
+        ids = torch.cat([request.inputs.input_ids.reshape(-1).cpu(), torch.tensor(request.tokens, dtype=torch.long)])
+        request.seen = make_seen_mask([ids], self.model.config.language.vocab_size, device)
+        if not request.params.is_greedy:  # one uniform per sampled token
+            request.generator.manual_seed(request.stats.seed)
+            scratch = torch.empty(1, 1, dtype=torch.float64, device=request.generator.device)
+            for _ in request.tokens:
+                draw_uniforms([request.generator], [True], scratch)
+        request.phase = Phase.SAMPLING
 
     @torch.inference_mode()
-    def decode_logits(self, seqs: Sequence[Request], cache: KVCache) -> torch.Tensor:
-        """Eager reference path over a caller-owned ``cache``: feed each sequence's last token at its
+    def decode_logits(self, requests: Sequence[Request], cache: KVCache) -> torch.Tensor:
+        """Eager reference path over a caller-owned ``cache``: feed each request's last token at its
         next position and return the logits [B, V] (choose the tokens with :meth:`sample`)."""
         device = self.model.device
-        tokens = torch.tensor([[s.last_token] for s in seqs], device=device)
-        positions = torch.tensor([[s.length] for s in seqs], device=device)
-        slots = torch.tensor([s.slot for s in seqs], device=device)
-        needed = max(s.length for s in seqs) + 1
+        tokens = torch.tensor([[s.last_token] for s in requests], device=device)
+        positions = torch.tensor([[s.length] for s in requests], device=device)
+        slots = torch.tensor([s.slot for s in requests], device=device)
+        needed = max(s.length for s in requests) + 1
         kv_len = min(cache.max_len, -(-needed // self.kv_bucket) * self.kv_bucket)
         logits = self.model.forward_tokens(tokens, positions, cache, slots, kv_len)[:, -1]
-        for s in seqs:
+        for s in requests:
             s.length += 1
         return logits
 
-    def sample(self, seqs: Sequence[Request], logits: torch.Tensor) -> list[str]:
-        """Choose each SAMPLING sequence's next token from logits [B, V] (the first token, after
+    def sample(self, requests: Sequence[Request], logits: torch.Tensor) -> list[str]:
+        """Choose each SAMPLING request's next token from logits [B, V] (the first token, after
         prefill); returns the text each may emit now."""
-        seen = torch.cat([s.seen for s in seqs])
-        tokens = sample_next(logits, seen, [s.params for s in seqs], [s.generator for s in seqs])
-        for row, s in enumerate(seqs):
+        seen = torch.cat([s.seen for s in requests])
+        tokens = sample_next(logits, seen, [s.params for s in requests], [s.generator for s in requests])
+        for row, s in enumerate(requests):
             update_seen(s.seen, tokens[row : row + 1])  # stays on the device
-        return [self.accept(s, token) for s, token in zip(seqs, tokens.tolist())]
+        return [self.accept(s, token) for s, token in zip(requests, tokens.tolist())]
 
-    def accept(self, seq: Request, token: int) -> str:
-        """Record one new token of ``seq``, stream its text and apply the stop rules; the text it may emit now."""
-        seq.tokens.append(token)
-        seq.stats.new_tokens += 1
-        if seq.stats.new_tokens == 1:
-            seq.stats.time_to_first_token = time.perf_counter() - seq.started
-        piece = seq.streamer.push(token)
-        if token == self.eos_id and not seq.params.ignore_eos:
+    def accept(self, request: Request, token: int) -> str:
+        """Record one new token of ``request``, stream its text and apply the stop rules; the text it may emit now."""
+        request.tokens.append(token)
+        request.stats.new_tokens += 1
+        if request.stats.new_tokens == 1:
+            request.stats.time_to_first_token = time.perf_counter() - request.started
+        piece = request.streamer.push(token)
+        if token == self.eos_id and not request.params.ignore_eos:
             reason = "stop"
-        elif seq.streamer.stopped:
+        elif request.streamer.stopped:
             reason = "stop_string"
-        elif seq.stats.new_tokens >= seq.max_new_tokens:
+        elif request.stats.new_tokens >= request.max_new_tokens:
             reason = "length"
         else:
             return piece
-        piece += seq.streamer.finish()
-        seq.finish(reason)
+        piece += request.streamer.finish()
+        request.finish(reason)
         return piece
 
     # ----------------------------------------------------------------------------- one request
@@ -329,22 +329,22 @@ class Generator:
     def _generate(self, inputs: ProcessedInputs, params: SamplingParams,
                   keep_logits: bool) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
         """(text piece, the logits the token was chosen from when ``keep_logits``) per new token."""
-        seq = self.new_request(inputs, params, slot=None)
-        self.last_stats, self.last_tokens = seq.stats, seq.tokens
-        self.admit(seq)
+        request = self.new_request(inputs, params, slot=None)
+        self.last_stats, self.last_tokens = request.stats, request.tokens
+        self.admit(request)
         try:
-            self.prefill(seq)
-            logits = seq.next_logits
-            piece = self.sample([seq], logits.unsqueeze(0))[0]
+            self.prefill(request)
+            logits = request.next_logits
+            piece = self.sample([request], logits.unsqueeze(0))[0]
             while True:
                 yield piece, (logits.clone() if keep_logits else None)
-                if seq.finished:
+                if request.finished:
                     return
-                tokens, all_logits = self.decode_step([seq])
-                logits = all_logits[seq.slot]
-                piece = self.accept(seq, tokens.tolist()[seq.slot])
+                tokens, all_logits = self.decode_step([request])
+                logits = all_logits[request.slot]
+                piece = self.accept(request, tokens.tolist()[request.slot])
         finally:
-            self.release(seq)
+            self.release(request)
 
     def generate_ids(self, inputs: ProcessedInputs, params: SamplingParams) -> list[int]:
         """All generated token ids (eos included when it was produced)."""
