@@ -18,7 +18,6 @@ def restore():
 
 
 def test_installs_on_the_pinned_coglet(monkeypatch) -> None:
-    monkeypatch.delenv(coglet_bridge.MODE_ENV, raising=False)
     monkeypatch.setattr(coglet_bridge, "coglet_version", lambda: coglet_bridge.SUPPORTED_COGLET)
     installed, line = coglet_bridge.install()
     assert installed and "stream" in line
@@ -27,7 +26,6 @@ def test_installs_on_the_pinned_coglet(monkeypatch) -> None:
 
 @pytest.mark.parametrize("found", ["0.23.2", "0.24.0", None])
 def test_other_coglet_versions_fall_back_to_collecting(monkeypatch, found) -> None:
-    monkeypatch.delenv(coglet_bridge.MODE_ENV, raising=False)
     monkeypatch.setattr(coglet_bridge, "coglet_version", lambda: found)
     installed, line = coglet_bridge.install()
     assert not installed and "no streaming" in line and str(found) in line
@@ -35,8 +33,8 @@ def test_other_coglet_versions_fall_back_to_collecting(monkeypatch, found) -> No
 
 
 def test_collect_mode_turns_it_off(monkeypatch) -> None:
-    monkeypatch.setenv(coglet_bridge.MODE_ENV, "collect")
-    installed, _ = coglet_bridge.install()
+    monkeypatch.setattr(coglet_bridge, "coglet_version", lambda: coglet_bridge.SUPPORTED_COGLET)
+    installed, _ = coglet_bridge.install("collect")
     assert not installed and asyncio.run_coroutine_threadsafe is coglet_bridge._original_submit
 
 
@@ -44,7 +42,6 @@ def test_cancelling_the_future_runs_the_predictions_hooks(monkeypatch) -> None:
     """As coglet does: submit a coroutine from another thread, let it finish, then cancel() the
     finished future: the hook the coroutine registered still runs."""
     monkeypatch.setattr(coglet_bridge, "coglet_version", lambda: coglet_bridge.SUPPORTED_COGLET)
-    monkeypatch.delenv(coglet_bridge.MODE_ENV, raising=False)
     assert coglet_bridge.install()[0]
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

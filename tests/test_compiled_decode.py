@@ -15,7 +15,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from deepseek_vl2.engine.decode import batch_buckets
-from deepseek_vl2.engine.generation import Generator, resolve_compile
+from deepseek_vl2.engine.generation import Generator
 from deepseek_vl2.engine.sampling import SamplingParams
 from deepseek_vl2.engine.scheduler import BatchScheduler
 from deepseek_vl2.model.checkpoint import load_model
@@ -96,7 +96,7 @@ def test_compiled_batched_decode_equals_single_and_eager() -> None:
         handles = [scheduler.submit(i, p) for i, p in zip(inputs, params)]
         for handle in handles:
             "".join(handle)
-        assert [h.seq.tokens for h in handles] == single
+        assert [h.request.tokens for h in handles] == single
     finally:
         scheduler.close()
 
@@ -116,19 +116,6 @@ def test_warmup_reports_buckets_and_leaves_a_running_request_alone() -> None:
     for _ in stream:
         pass
     assert compiled.last_tokens == expected
-
-
-def test_compile_switch_follows_the_environment(monkeypatch) -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.delenv("DSVL2_COMPILE", raising=False)
-    assert (resolve_compile(None, cpu), resolve_compile(None, cuda)) == (False, True)
-    monkeypatch.setenv("DSVL2_COMPILE", "1")
-    assert resolve_compile(None, cpu) and not resolve_compile(False, cpu)
-    monkeypatch.setenv("DSVL2_COMPILE", "0")
-    assert not resolve_compile(None, cuda)
-    monkeypatch.setenv("DSVL2_COMPILE", "yes")
-    with pytest.raises(ValueError, match="DSVL2_COMPILE"):
-        resolve_compile(None, cpu)
 
 
 def test_batch_buckets() -> None:

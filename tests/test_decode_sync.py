@@ -37,7 +37,7 @@ def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int, 
     params = [SamplingParams(temperature=0.7 if b % 2 else 0.0, top_k=5, seed=b) for b in range(batch)]
     seqs = []
     for b in range(batch):
-        seq = generator.new_sequence(generator.prepare(f"Hello number {b}", []), params[b], slot=generator.engine.acquire())
+        seq = generator.new_request(generator.prepare(f"Hello number {b}", []), params[b], slot=generator.engine.acquire())
         generator.prefill(seq)
         generator.sample([seq], seq.next_logits.unsqueeze(0))
         seqs.append(seq)
@@ -65,7 +65,7 @@ def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int, 
 
 
 def test_first_token_sampling_does_not_sync(generator: Generator) -> None:
-    seq = generator.new_sequence(generator.prepare("Hello", []), SamplingParams(temperature=0.7, top_p=0.8, seed=1))
+    seq = generator.new_request(generator.prepare("Hello", []), SamplingParams(temperature=0.7, top_p=0.8, seed=1))
     logits = torch.randn(2, generator.model.config.language.vocab_size)
     seen = torch.cat([seq.seen, seq.seen])
     recorder = OpRecorder()

@@ -27,7 +27,7 @@ def _greedy(max_new: int = 8) -> SamplingParams:
 
 
 def _prefill_logits(gen: Generator, inputs, chunk: int) -> tuple[torch.Tensor, list[int]]:
-    seq = gen.new_sequence(inputs, _greedy(6))
+    seq = gen.new_request(inputs, _greedy(6))
     cache = gen.model.new_cache(1, seq.stats.prompt_tokens + 6)
     gen.prefill(seq, cache, chunk)
     first = seq.next_logits.clone()
@@ -113,7 +113,7 @@ def test_batched_requests_equal_sequential(generator: Generator) -> None:
             t.start()
         for t in threads:
             t.join(timeout=120)
-        assert [h.seq.tokens for h in handles] == sequential
+        assert [h.request.tokens for h in handles] == sequential
         assert all(isinstance(t, str) for t in texts)
     finally:
         scheduler.close()
@@ -135,7 +135,7 @@ def test_scheduler_cancel_frees_slot_and_failure_is_isolated(generator: Generato
         fine = scheduler.submit(generator.prepare("Hello", []), _greedy(4))
         with pytest.raises(ValueError, match="image positions"):
             list(broken)
-        assert "".join(fine) is not None and len(fine.seq.tokens) >= 1
+        assert "".join(fine) is not None and len(fine.request.tokens) >= 1
         assert scheduler.active == 0 and sorted(generator.engine.free_slots) == list(range(generator.engine.slots))
     finally:
         scheduler.close()

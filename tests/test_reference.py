@@ -377,7 +377,7 @@ def _greedy_run(config: str, case: str, penalty: float, chunk: int | None = None
     n_new = meta["greedy"]["n_new"]
     params = SamplingParams(temperature=0.0, repetition_penalty=penalty, penalize_greedy=penalty != 1.0,
                             max_new_tokens=n_new, stop=())
-    seq = gen.new_sequence(processed_case(config, case), params)
+    seq = gen.new_request(processed_case(config, case), params)
     cache = gen.model.new_cache(1, seq.stats.prompt_tokens + n_new)
     gen.prefill(seq, cache, chunk)
     step_logits = [seq.next_logits]

@@ -807,7 +807,7 @@ def test_budget_shrinks_the_answer_and_logs_it(generator: Generator, caplog) -> 
     inputs = generator.prepare("Go" + " word" * 3000, [])
     room = generator.context_length - inputs.input_ids.numel()
     with caplog.at_level("INFO", logger="deepseek_vl2.engine.generation"):
-        seq = generator.new_sequence(inputs, SamplingParams(max_new_tokens=4096))
+        seq = generator.new_request(inputs, SamplingParams(max_new_tokens=4096))
     assert seq.max_new_tokens == room
     assert f"lowered from 4096 to {room}" in caplog.text
 

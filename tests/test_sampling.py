@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from deepseek_vl2.engine.sampling import (
     _inverse_cdf,
+    InvalidSamplingParams,
     SamplingParams,
     apply_repetition_penalty,
     make_generator,
@@ -31,7 +33,7 @@ def params(**overrides) -> SamplingParams:
     """Sampling params with every warper off unless overridden (temperature 1)."""
     values = dict(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
     values.update(overrides)
-    return SamplingParams(**values).validate()
+    return SamplingParams(**values)
 
 
 def nothing_seen(logits: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,7 @@ def log_probs(*probabilities: float) -> torch.Tensor:
 
 
 def test_defaults_are_the_official_demo_values():
-    p = SamplingParams().validate()
+    p = SamplingParams()
     assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens) == (
         0.1, 0.9, 0, 1.1, 2048)
     assert p.seed is None and p.stop == () and not p.is_greedy
@@ -74,7 +76,7 @@ def test_defaults_are_the_official_demo_values():
 )
 def test_validate_rejects_out_of_range_values(field, value):
     with pytest.raises(ValueError, match=field):
-        SamplingParams(**{field: value}).validate()
+        SamplingParams(**{field: value})
 
 
 @pytest.mark.parametrize(
@@ -84,7 +86,23 @@ def test_validate_rejects_out_of_range_values(field, value):
      ("seed", 2**32 - 1)],
 )
 def test_validate_accepts_boundary_values(field, value):
-    SamplingParams(**{field: value}).validate()
+    SamplingParams(**{field: value})
+
+
+def test_params_stay_valid_after_construction():
+    """The engine trusts the type: an instance is checked when made and cannot change afterwards."""
+    p = SamplingParams(temperature=0, top_p=1, repetition_penalty=1)
+    assert (p.temperature, p.top_p, p.repetition_penalty) == (0.0, 1.0, 1.0)
+    assert all(isinstance(v, float) for v in (p.temperature, p.top_p, p.repetition_penalty))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.temperature = -1.0  # type: ignore[misc]
+
+
+def test_invalid_params_name_the_field_or_the_callers_name_for_it():
+    with pytest.raises(InvalidSamplingParams) as raised:
+        SamplingParams(max_new_tokens=0)
+    assert raised.value.field == "max_new_tokens" and str(raised.value).startswith("max_new_tokens must be")
+    assert raised.value.named({"max_new_tokens": "max_length_tokens"}).startswith("max_length_tokens must be")
 
 
 def test_stop_accepts_a_single_string_and_lists():
@@ -338,9 +356,9 @@ def test_greedy_with_and_without_penalty_matches_the_reference(config, case):
     penalised_run = meta["greedy_repetition_penalty_1.1"]
     penalised = penalised_run["new_tokens"]
 
-    greedy = SamplingParams(temperature=0).validate()
+    greedy = SamplingParams(temperature=0)
     with_penalty = SamplingParams(temperature=0, repetition_penalty=1.1,
-                                  penalize_greedy=True).validate()
+                                  penalize_greedy=True)
     vocab = step_logits.shape[-1]
     for step, expected in enumerate(plain):
         logits = step_logits[step:step + 1]

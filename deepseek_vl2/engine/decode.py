@@ -180,11 +180,15 @@ class DecodeEngine:
             return slot
 
     def release(self, slot: int) -> None:
-        """Give a slot back (its rows go idle at the next step)."""
+        """Give back a slot :meth:`acquire` handed out (its rows go idle at the next step).
+
+        Raises ValueError for a slot that is not held: a second release would let two requests
+        share one row."""
         with self._lock:
-            if 0 <= slot < self.slots and slot not in self.state.free:
-                self.state.free.append(slot)
-                self._active_slots = None
+            if not 0 <= slot < self.slots or slot in self.state.free:
+                raise ValueError(f"slot {slot} is not held (the state has slots 0 to {self.slots - 1})")
+            self.state.free.append(slot)
+            self._active_slots = None
 
     def start_row(self, slot: int, token: int, position: int, seen: torch.Tensor, params: SamplingParams) -> None:
         """Write a request's row before its first decode step: last token, its position, seen ids, parameters."""

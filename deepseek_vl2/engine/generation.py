@@ -3,15 +3,19 @@
 Interface (predict.py, the scheduler and the benchmark code against it)::
 
     Generator.load(checkpoint_dir, device=None, dtype=None, prefill_chunk=512, *,
-                   compile=None, max_batch=1, max_len=None, config=None, weight_files=None)
+                   compile=None, max_batch=1, max_len=None, kv_bucket=256, config=None, weight_files=None)
 
-* ``compile``: None → the environment variable ``DSVL2_COMPILE`` ("0" eager, "1" compiled) when
-  set, else compiled on CUDA and eager on CPU. Compiled = ``torch.compile(fullgraph=True)`` of
-  the decode step, replayed as CUDA graphs on CUDA (``engine/decode.py``).
+The settings come from the caller (a server reads them once into an
+:class:`~.config.EngineConfig`); nothing here reads the environment.
+
+* ``compile``: True/False, or None: compiled on CUDA and eager on CPU. Compiled =
+  ``torch.compile(fullgraph=True)`` of the decode step, replayed as CUDA graphs on CUDA
+  (``engine/decode.py``).
 * ``max_batch`` × ``max_len``: the persistent decode state (KV cache and every buffer a decode
   step touches), allocated here, once: ``max_batch`` requests at a time of up to ``max_len``
   tokens each (default: the model's context). A :class:`~.scheduler.BatchScheduler` needing
   more slots grows it once, when it is built.
+* ``kv_bucket``: decode steps attend over the cache rounded up to a multiple of this.
 * ``config`` / ``weight_files``: an already-parsed config and the checkpoint's safetensors
   files, so that setup reads ``config.json`` and the file headers once.
 
@@ -20,18 +24,18 @@ Interface (predict.py, the scheduler and the benchmark code against it)::
 :meth:`Generator.generate_with_logits` return its ids (and per-step logits).
 
 The pieces are shared by the single-request path and the batching scheduler: a
-:class:`Request` is one request's state (slot, length, random generator, text streamer);
-:meth:`Generator.prefill_step` fills its slot of the KV cache; :meth:`Generator.sample` picks
-the first token from the prefill logits; :meth:`Generator.decode` runs one decode step (any set
-of sequences together) and reads the new token ids, the only host read of the step.
+:class:`~.request.Request` is one request's state (phase, slot, length, random generator, text
+streamer); :meth:`Generator.admit` / :meth:`Generator.release` hand it a decode-state slot and
+take it back; :meth:`Generator.prefill_step` fills its slot of the KV cache;
+:meth:`Generator.sample` picks the first token from the prefill logits;
+:meth:`Generator.next_tokens` runs one decode step (any set of requests together) and reads the
+new token ids, the only host read of the step; :meth:`Generator.accept` records one token.
 :meth:`Generator.decode_logits` is the eager reference path over a caller-owned cache.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -43,80 +47,24 @@ from deepseek_vl2.model.checkpoint import load_model
 from deepseek_vl2.model.config import DeepseekVL2Config
 from deepseek_vl2.model.kv_cache import KVCache
 from deepseek_vl2.model.multimodal import DeepseekVL2
+from .config import DEFAULT_KV_BUCKET, DEFAULT_PREFILL_CHUNK, resolve_compile
 from .decode import DecodeEngine
-from .sampling import SamplingParams, make_generator, make_seen_mask, sample_next, update_seen
+from .request import GenerationStats, Phase, Request
+from .sampling import SamplingParams, draw_uniforms, make_generator, make_seen_mask, sample_next, update_seen
 from .streaming import TextStreamer, hidden_special_ids
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = 512
-KV_LEN_BUCKET = 256
-COMPILE_ENV = "DSVL2_COMPILE"
-
-
 class ContextLengthError(ValueError):
     """The prompt does not fit the model's context window (or the server's per-request cache)."""
-
-
-def resolve_compile(compile: Optional[bool], device: torch.device) -> bool:
-    """Whether to compile the decode step: ``compile`` if given, else $DSVL2_COMPILE, else CUDA only."""
-    if compile is not None:
-        return bool(compile)
-    value = os.environ.get(COMPILE_ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{COMPILE_ENV} must be 0 (eager) or 1 (compiled), got {value!r}")
-    return value == "1" if value else device.type == "cuda"
-
-
-@dataclass
-class GenerationStats:
-    """Counts and timings of one generation (filled as it runs)."""
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    max_new_tokens: int = 0
-    seed: Optional[int] = None
-    time_to_first_token: float = 0.0
-    total_seconds: float = 0.0
-    finish_reason: str = ""
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Decode speed after the first token."""
-        decode_time = self.total_seconds - self.time_to_first_token
-        return (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else 0.0
-
-
-@dataclass
-class Request:
-    """State of one request while it generates."""
-
-    inputs: ProcessedInputs
-    params: SamplingParams
-    slot: int
-    max_new_tokens: int
-    seen: torch.Tensor  # [1, V] bool until the first decode step (then the decode state's row holds it)
-    generator: torch.Generator
-    streamer: TextStreamer
-    stats: GenerationStats
-    length: int = 0  # tokens in the cache
-    tokens: list[int] = field(default_factory=list)
-    next_logits: Optional[torch.Tensor] = None  # [V] float32
-    embeds: Optional[torch.Tensor] = None  # [1, T, D] while prefilling
-    started: float = field(default_factory=time.perf_counter)
-    finished: bool = False
-    row_started: bool = False  # its row of the decode state is written
-
-    @property
-    def last_token(self) -> int:
-        return self.tokens[-1]
 
 
 class Generator:
     """DeepSeek-VL2 model + processor, with chunked prefill, a persistent decode state and streaming."""
 
     def __init__(self, model: DeepseekVL2, processor: DeepseekVL2Processor, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 *, compile: Optional[bool] = None, max_batch: int = 1, max_len: Optional[int] = None) -> None:
+                 *, compile: Optional[bool] = None, max_batch: int = 1, max_len: Optional[int] = None,
+                 kv_bucket: int = DEFAULT_KV_BUCKET) -> None:
         self.model = model
         self.processor = processor
         self.prefill_chunk = prefill_chunk
@@ -124,19 +72,20 @@ class Generator:
         self.last_tokens: list[int] = []
         self.hidden_token_ids = hidden_special_ids(processor.tokenizer)  # grounding tags stay visible
         self.engine = DecodeEngine(model, max_batch, max_len or self.context_length,
-                                   resolve_compile(compile, model.device), KV_LEN_BUCKET)
+                                   resolve_compile(compile, model.device.type), kv_bucket)
 
     @classmethod
     def load(
         cls, checkpoint_dir: str | Path, device=None, dtype: Optional[torch.dtype] = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, *, compile: Optional[bool] = None, max_batch: int = 1,
-        max_len: Optional[int] = None, config: Optional[DeepseekVL2Config] = None,
+        max_len: Optional[int] = None, kv_bucket: int = DEFAULT_KV_BUCKET, config: Optional[DeepseekVL2Config] = None,
         weight_files: Optional[Sequence[Path]] = None,
     ) -> "Generator":
         """Load model and processor from an official checkpoint directory (arguments: module docstring)."""
         model = load_model(checkpoint_dir, device=device, dtype=dtype, config=config, files=weight_files)
         processor = DeepseekVL2Processor.from_pretrained(checkpoint_dir)
-        return cls(model, processor, prefill_chunk, compile=compile, max_batch=max_batch, max_len=max_len)
+        return cls(model, processor, prefill_chunk, compile=compile, max_batch=max_batch, max_len=max_len,
+                   kv_bucket=kv_bucket)
 
     @property
     def variant(self) -> str:
@@ -211,10 +160,14 @@ class Generator:
         return self.token_limit if limit is None else min(limit, self.token_limit)
 
     # ----------------------------------------------------------------------------- steps
-    def new_sequence(self, inputs: ProcessedInputs, params: SamplingParams, slot: int = 0,
-                     limit: Optional[int] = None) -> Request:
-        """Validate and set up a request's state (no model work yet; ``slot`` -1: not assigned yet)."""
-        params.validate()
+    def new_request(self, inputs: ProcessedInputs, params: SamplingParams, slot: Optional[int] = 0,
+                    limit: Optional[int] = None) -> Request:
+        """Set up a request's state (no model work yet).
+
+        ``slot``: the cache row it writes — a decode-state slot from ``engine.acquire()``, row 0
+        of a caller-owned cache (the default), or None: it WAITS until :meth:`admit` (a
+        scheduler) gives it one. Raises ContextLengthError when the prompt cannot fit ``limit``.
+        """
         prompt_tokens = int(inputs.input_ids.numel())
         max_new = self.budget(prompt_tokens, params.max_new_tokens, limit=limit, inputs=inputs)
         if max_new < params.max_new_tokens:
@@ -226,103 +179,145 @@ class Generator:
         stats = GenerationStats(prompt_tokens=prompt_tokens, max_new_tokens=max_new, seed=seed)
         streamer = TextStreamer(self.processor.tokenizer, self.hidden_token_ids, params.stop)
         seen = make_seen_mask([inputs.input_ids], vocab, device)
-        return Request(inputs, params, slot, max_new, seen, generator, streamer, stats)
+        return Request(inputs, params, max_new, seen, generator, streamer, stats, slot=slot)
+
+    def admit(self, request: Request) -> None:
+        """Give a WAITING request the lowest free decode-state slot (raises SlotsExhaustedError)."""
+        request.assign(self.engine.acquire())
+
+    def release(self, request: Request) -> None:
+        """Give the request's decode-state slot back, if it holds one (its row goes idle)."""
+        if request.slot is not None:
+            slot, request.slot = request.slot, None
+            self.engine.release(slot)
 
     @torch.inference_mode()
-    def prefill_step(self, seq: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> bool:
-        """Write the next chunk of the prompt into ``seq``'s cache slot; True once the prompt is in.
+    def prefill_step(self, request: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> bool:
+        """Write the next chunk of the prompt into ``request``'s cache slot; True once the prompt is in.
 
         ``cache`` defaults to the persistent decode state's. The first call embeds the prompt
-        (vision tower over all tiles in one batch); the last sets ``seq.next_logits``.
+        (vision tower over all tiles in one batch); the last sets ``request.next_logits`` and the
+        phase SAMPLING.
         """
+        if request.phase is not Phase.PREFILLING or request.slot is None:
+            raise RuntimeError(f"only a request holding a slot prefills; this one is {request.phase.value}")
         chunk = chunk or self.prefill_chunk
         cache = cache if cache is not None else self.engine.state.cache
-        if seq.slot < 0:
-            raise RuntimeError("the sequence holds no slot: acquire one first")
-        if seq.embeds is None:
-            inputs = seq.inputs
-            seq.embeds = self.model.embed_inputs(
+        if request.embeds is None:
+            inputs = request.inputs
+            request.embeds = self.model.embed_inputs(
                 inputs.input_ids, inputs.images, inputs.images_seq_mask, inputs.images_spatial_crop
             ).unsqueeze(0)
-        start, total = seq.length, seq.embeds.shape[1]
+        start, total = request.length, request.embeds.shape[1]
         end = min(start + chunk, total)
         positions = torch.arange(start, end, device=self.model.device).unsqueeze(0)
-        slots = slice(seq.slot, seq.slot + 1)  # one slot: the cache is read as a view
-        logits = self.model.forward_embeds(seq.embeds[:, start:end], positions, cache, slots, kv_len=end, last_only=True)
-        seq.length = end
+        slots = slice(request.slot, request.slot + 1)  # one slot: the cache is read as a view
+        logits = self.model.forward_embeds(request.embeds[:, start:end], positions, cache, slots, kv_len=end, last_only=True)
+        request.length = end
         if end < total:
             return False
-        seq.next_logits, seq.embeds = logits[0, -1], None
+        request.next_logits, request.embeds, request.phase = logits[0, -1], None, Phase.SAMPLING
         return True
 
-    def prefill(self, seq: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> None:
-        """Write the whole prompt into ``seq``'s cache slot, chunk by chunk; sets ``seq.next_logits``."""
-        while not self.prefill_step(seq, cache, chunk):
+    def prefill(self, request: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> None:
+        """Write the whole prompt into ``request``'s cache slot, chunk by chunk; sets ``request.next_logits``."""
+        while not self.prefill_step(request, cache, chunk):
             pass
 
-    def decode(self, seqs: Sequence[Request]) -> list[str]:
-        """One decode step for ``seqs`` (each holding a slot, its prompt prefilled and a first token
-        sampled): the new tokens are chosen on the device; returns the text each may emit now."""
-        tokens, _ = self.decode_step(seqs)
-        ids = tokens.tolist()  # the step's one host read
-        return self._accept(seqs, [ids[s.slot] for s in seqs])
+    def next_tokens(self, requests: Sequence[Request]) -> list[int]:
+        """One decode step for ``requests`` (each holding a slot, its first token chosen): the new token
+        of each, read in the step's one host read. Record them with :meth:`accept`.
 
-    def decode_step(self, seqs: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step on the device (no host read): new tokens [rows] and logits [rows, V], indexed by slot."""
-        for s in seqs:
-            if not s.row_started:
+        The step writes every row it covers in place and draws from each request's generator,
+        so after an exception here the requests' device rows may be a step ahead of them: a
+        caller fails them rather than stepping them again.
+        """
+        tokens, _ = self.decode_step(requests)
+        ids = tokens.tolist()  # the step's one host read
+        return [ids[s.slot] for s in requests]
+
+    def decode_step(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step on the device (no host read): new tokens [rows] and logits [rows, V], indexed by slot.
+
+        A SAMPLING request's decode-state row is written first (it becomes DECODING)."""
+        for s in requests:
+            if s.phase is Phase.SAMPLING:
                 self.engine.start_row(s.slot, s.last_token, s.length, s.seen, s.params)
-                s.row_started = True
-        tokens, logits = self.engine.step([s.slot for s in seqs], [s.length for s in seqs],
-                                          [s.params for s in seqs], [s.generator for s in seqs])
-        for s in seqs:
+                s.phase = Phase.DECODING
+            elif s.phase is not Phase.DECODING:
+                raise RuntimeError(f"only a request with its first token decodes; this one is {s.phase.value}")
+        tokens, logits = self.engine.step([s.slot for s in requests], [s.length for s in requests],
+                                          [s.params for s in requests], [s.generator for s in requests])
+        for s in requests:
             s.length += 1
         return tokens, logits
 
+    def rewind(self, request: Request) -> None:
+        """Put a request that was in a failed decode step back to what it has recorded.
+
+        The step may have written its decode-state row (token, position, seen ids) and drawn
+        from its generator before failing. Rebuilt from its own record — prompt, accepted tokens,
+        seed — its length, seen ids and generator return to their state before that step (the
+        generator is reseeded and advanced by one draw per sampled token), and it goes back to
+        SAMPLING so its next step rewrites its row. Stepping it again then gives exactly the
+        token the failed step would have given; the cache position the failed step may have
+        written is written again with the same values.
+        """
+        if request.phase not in (Phase.SAMPLING, Phase.DECODING):
+            raise RuntimeError(f"only a decoding request rewinds; this one is {request.phase.value}")
+        device = self.model.device
+        request.length = request.stats.prompt_tokens + len(request.tokens) - 1  # the last token is not in the cache yet
+        ids = torch.cat([request.inputs.input_ids.reshape(-1).cpu(), torch.tensor(request.tokens, dtype=torch.long)])
+        request.seen = make_seen_mask([ids], self.model.config.language.vocab_size, device)
+        if not request.params.is_greedy:  # one uniform per sampled token
+            request.generator.manual_seed(request.stats.seed)
+            scratch = torch.empty(1, 1, dtype=torch.float64, device=request.generator.device)
+            for _ in request.tokens:
+                draw_uniforms([request.generator], [True], scratch)
+        request.phase = Phase.SAMPLING
+
     @torch.inference_mode()
-    def decode_logits(self, seqs: Sequence[Request], cache: KVCache) -> torch.Tensor:
-        """Eager reference path over a caller-owned ``cache``: feed each sequence's last token at its
+    def decode_logits(self, requests: Sequence[Request], cache: KVCache) -> torch.Tensor:
+        """Eager reference path over a caller-owned ``cache``: feed each request's last token at its
         next position and return the logits [B, V] (choose the tokens with :meth:`sample`)."""
         device = self.model.device
-        tokens = torch.tensor([[s.last_token] for s in seqs], device=device)
-        positions = torch.tensor([[s.length] for s in seqs], device=device)
-        slots = torch.tensor([s.slot for s in seqs], device=device)
-        needed = max(s.length for s in seqs) + 1
+        tokens = torch.tensor([[s.last_token] for s in requests], device=device)
+        positions = torch.tensor([[s.length] for s in requests], device=device)
+        slots = torch.tensor([s.slot for s in requests], device=device)
+        needed = max(s.length for s in requests) + 1
         kv_len = min(cache.max_len, -(-needed // self.kv_bucket) * self.kv_bucket)
         logits = self.model.forward_tokens(tokens, positions, cache, slots, kv_len)[:, -1]
-        for s in seqs:
+        for s in requests:
             s.length += 1
         return logits
 
-    def sample(self, seqs: Sequence[Request], logits: torch.Tensor) -> list[str]:
-        """Choose each sequence's next token from logits [B, V] (the first token, after prefill);
-        returns the text each may emit now."""
-        seen = torch.cat([s.seen for s in seqs])
-        tokens = sample_next(logits, seen, [s.params for s in seqs], [s.generator for s in seqs])
-        for row, s in enumerate(seqs):
+    def sample(self, requests: Sequence[Request], logits: torch.Tensor) -> list[str]:
+        """Choose each SAMPLING request's next token from logits [B, V] (the first token, after
+        prefill); returns the text each may emit now."""
+        seen = torch.cat([s.seen for s in requests])
+        tokens = sample_next(logits, seen, [s.params for s in requests], [s.generator for s in requests])
+        for row, s in enumerate(requests):
             update_seen(s.seen, tokens[row : row + 1])  # stays on the device
-        return self._accept(seqs, tokens.tolist())
+        return [self.accept(s, token) for s, token in zip(requests, tokens.tolist())]
 
-    def _accept(self, seqs: Sequence[Request], tokens: list[int]) -> list[str]:
-        """Record one new token per sequence, stream its text and apply the stop rules."""
-        pieces = []
-        for s, token in zip(seqs, tokens):
-            s.tokens.append(token)
-            s.stats.new_tokens += 1
-            if s.stats.new_tokens == 1:
-                s.stats.time_to_first_token = time.perf_counter() - s.started
-            piece = s.streamer.push(token)
-            if token == self.eos_id and not s.params.ignore_eos:
-                s.finished, s.stats.finish_reason = True, "stop"
-            elif s.streamer.stopped:
-                s.finished, s.stats.finish_reason = True, "stop_string"
-            elif s.stats.new_tokens >= s.max_new_tokens:
-                s.finished, s.stats.finish_reason = True, "length"
-            if s.finished:
-                piece += s.streamer.finish()
-                s.stats.total_seconds = time.perf_counter() - s.started
-            pieces.append(piece)
-        return pieces
+    def accept(self, request: Request, token: int) -> str:
+        """Record one new token of ``request``, stream its text and apply the stop rules; the text it may emit now."""
+        request.tokens.append(token)
+        request.stats.new_tokens += 1
+        if request.stats.new_tokens == 1:
+            request.stats.time_to_first_token = time.perf_counter() - request.started
+        piece = request.streamer.push(token)
+        if token == self.eos_id and not request.params.ignore_eos:
+            reason = "stop"
+        elif request.streamer.stopped:
+            reason = "stop_string"
+        elif request.stats.new_tokens >= request.max_new_tokens:
+            reason = "length"
+        else:
+            return piece
+        piece += request.streamer.finish()
+        request.finish(reason)
+        return piece
 
     # ----------------------------------------------------------------------------- one request
     def stream(self, inputs: ProcessedInputs, params: SamplingParams) -> Iterator[str]:
@@ -334,23 +329,22 @@ class Generator:
     def _generate(self, inputs: ProcessedInputs, params: SamplingParams,
                   keep_logits: bool) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
         """(text piece, the logits the token was chosen from when ``keep_logits``) per new token."""
-        seq = self.new_sequence(inputs, params)
-        self.last_stats, self.last_tokens = seq.stats, seq.tokens
-        seq.slot = self.engine.acquire()
+        request = self.new_request(inputs, params, slot=None)
+        self.last_stats, self.last_tokens = request.stats, request.tokens
+        self.admit(request)
         try:
-            self.prefill(seq)
-            logits = seq.next_logits
-            piece = self.sample([seq], logits.unsqueeze(0))[0]
+            self.prefill(request)
+            logits = request.next_logits
+            piece = self.sample([request], logits.unsqueeze(0))[0]
             while True:
                 yield piece, (logits.clone() if keep_logits else None)
-                if seq.finished:
+                if request.finished:
                     return
-                tokens, all_logits = self.decode_step([seq])
-                logits = all_logits[seq.slot]
-                piece = self._accept([seq], [tokens.tolist()[seq.slot]])[0]
+                tokens, all_logits = self.decode_step([request])
+                logits = all_logits[request.slot]
+                piece = self.accept(request, tokens.tolist()[request.slot])
         finally:
-            self.engine.release(seq.slot)
-            seq.slot = -1
+            self.release(request)
 
     def generate_ids(self, inputs: ProcessedInputs, params: SamplingParams) -> list[int]:
         """All generated token ids (eos included when it was produced)."""

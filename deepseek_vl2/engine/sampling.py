@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -44,15 +44,31 @@ def _is_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-@dataclass
-class SamplingParams:
-    """Per-request decoding parameters (ranges and meaning: README.md).
+class InvalidSamplingParams(ValueError):
+    """A sampling parameter outside what the engine accepts; ``field`` names it, ``problem`` says why."""
 
-    temperature: 0 = greedy; otherwise logits are divided by it before top-k / top-p.
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+        super().__init__(f"{field} {problem}")
+
+    def named(self, names: Mapping[str, str]) -> str:
+        """The message with the parameter under the name the caller's users know (``names``: field -> name)."""
+        return f"{names.get(self.field, self.field)} {self.problem}"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters (ranges and meaning: README.md), checked once, when made.
+
+    An instance is valid by construction (raises :class:`InvalidSamplingParams` otherwise), so
+    the engine uses it without checking again. Whole numbers given for the real-valued fields
+    are stored as floats; a bare stop string is one stop string.
+
+    temperature: 0 = greedy; otherwise logits are divided by it before top-k / top-p (0 or >= MIN_TEMPERATURE).
     top_p: nucleus mass in (0, 1]; 1 disables it.
     top_k: keep the k highest logits (ties with the k-th kept); 0 disables it.
-    repetition_penalty: HF rule on every id of the prompt or generated so far; 1 disables it.
-    max_new_tokens: upper bound on generated tokens (the engine may lower it to fit the context).
+    repetition_penalty: HF rule on every id of the prompt or generated so far; > 0, 1 disables it.
+    max_new_tokens: upper bound on generated tokens, >= 1 (the engine may lower it to fit the context).
     seed: None draws a fresh random seed (see `resolve_seed`); otherwise an int in [0, MAX_SEED].
     stop: strings that end generation; the text is cut before the first one to complete.
     penalize_greedy: apply the repetition penalty to greedy rows too (HF `do_sample=False`).
@@ -69,85 +85,51 @@ class SamplingParams:
     stop: Sequence[str] = ()
     penalize_greedy: bool = False
     ignore_eos: bool = False
-    # Values validate() last accepted (so the engine's own check does not run the rules twice).
-    _validated: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # A bare string is one stop string, not a sequence of one-character stops.
-        if self.stop is None:
-            self.stop = ()
-        elif isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        elif isinstance(self.stop, (list, tuple)):
-            self.stop = tuple(self.stop)
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):  # one stop string, not a sequence of one-character stops
+            stop = (stop,)
+        elif isinstance(stop, (list, tuple)):
+            stop = tuple(stop)
+        object.__setattr__(self, "stop", stop)
+        self._check()
+        for name in ("temperature", "top_p", "repetition_penalty"):  # 0 -> 0.0: the same value
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def _check(self) -> None:
+        """Raise InvalidSamplingParams for the first field outside the engine's domain."""
+        t = self.temperature
+        if not _is_real_number(t) or not math.isfinite(t) or t < 0:
+            raise InvalidSamplingParams("temperature", f"must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise InvalidSamplingParams("temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {t!r}")
+        p = self.top_p
+        if not _is_real_number(p) or not math.isfinite(p) or not 0 < p <= 1:
+            raise InvalidSamplingParams("top_p", f"must be in (0, 1] (1 = off), got {p!r}")
+        if not _is_integer(self.top_k) or self.top_k < 0:
+            raise InvalidSamplingParams("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        r = self.repetition_penalty
+        if not _is_real_number(r) or not math.isfinite(r) or r <= 0:
+            raise InvalidSamplingParams("repetition_penalty", f"must be a finite number > 0 (1 = off), got {r!r}")
+        if not _is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise InvalidSamplingParams("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.seed is not None and (not _is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidSamplingParams(
+                "seed", f"must be empty (random) or an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidSamplingParams("stop", f"must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.penalize_greedy, bool):
+            raise InvalidSamplingParams("penalize_greedy", f"must be a bool, got {self.penalize_greedy!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidSamplingParams("ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
 
     @property
     def is_greedy(self) -> bool:
         """True when temperature is 0: pick the most likely token, no randomness."""
         return self.temperature == 0
-
-    def validate(
-        self, limits: Optional[Mapping[str, tuple[float, float]]] = None,
-        names: Optional[Mapping[str, str]] = None,
-    ) -> "SamplingParams":
-        """Raise ValueError naming the first invalid field; return self when all are valid.
-
-        Checks the engine's domain (types, finiteness, temperature 0 or >= MIN_TEMPERATURE, seed
-        in [0, MAX_SEED], ...) and, when given, ``limits``: field -> (low, high), inclusive (a
-        server's narrower input ranges). ``names`` maps field names to the names the caller's
-        users know (``max_new_tokens`` -> ``max_length_tokens``). The check runs once: calling
-        validate() again on unchanged values without new limits returns at once.
-        """
-        state = self._state()
-        if limits is None and self._validated == state:
-            return self
-        name = (lambda field: (names or {}).get(field, field))
-        t = self.temperature
-        if not _is_real_number(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {t!r}")
-        if 0 < t < MIN_TEMPERATURE:
-            raise ValueError(
-                f"{name('temperature')} must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {t!r}"
-            )
-        p = self.top_p
-        if not _is_real_number(p) or not math.isfinite(p) or not 0 < p <= 1:
-            raise ValueError(f"{name('top_p')} must be in (0, 1] (1 = off), got {p!r}")
-        if not _is_integer(self.top_k) or self.top_k < 0:
-            raise ValueError(f"{name('top_k')} must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        r = self.repetition_penalty
-        if not _is_real_number(r) or not math.isfinite(r) or r <= 0:
-            raise ValueError(
-                f"{name('repetition_penalty')} must be a finite number > 0 (1 = off), got {r!r}"
-            )
-        if not _is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(
-                f"{name('max_new_tokens')} must be an integer >= 1, got {self.max_new_tokens!r}"
-            )
-        if self.seed is not None and (
-            not _is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED
-        ):
-            raise ValueError(
-                f"{name('seed')} must be empty (random) or an integer in [0, {MAX_SEED}], "
-                f"got {self.seed!r}"
-            )
-        if not isinstance(self.stop, tuple) or not all(
-            isinstance(s, str) and s for s in self.stop
-        ):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if not isinstance(self.penalize_greedy, bool):
-            raise ValueError(f"penalize_greedy must be a bool, got {self.penalize_greedy!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        for field_name, (low, high) in (limits or {}).items():
-            value = getattr(self, field_name)
-            if value is not None and not low <= value <= high:
-                raise ValueError(f"{name(field_name)} must be between {low} and {high}, got {value!r}")
-        self._validated = state
-        return self
-
-    def _state(self) -> tuple:
-        return (self.temperature, self.top_p, self.top_k, self.repetition_penalty,
-                self.max_new_tokens, self.seed, self.stop, self.penalize_greedy, self.ignore_eos)
 
 
 # ----------------------------------------------------------------------------- seeds, masks

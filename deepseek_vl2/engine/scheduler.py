@@ -1,92 +1,75 @@
 """Continuous batching: many requests share one KV cache and one decode step.
 
-A background thread runs the loop. Each turn it (1) admits waiting requests into free cache
-slots, (2) prefills one chunk of one admitting request (so a long multi-image prompt delays the
-others by at most one chunk per turn), and (3) runs one batched decode step for every request
-that is generating, each with its own sampling parameters, seed and stop rule. Requests stream
-their own text through a :class:`RequestHandle`; cancelling one frees its slot at the next turn;
-an exception inside one request fails that request only.
+The policy is :func:`schedule`, a pure function: given the waiting, prefilling and decoding
+requests, the free slots and the batch limit, it returns the turn's :class:`Plan` — which
+waiting requests take a slot (oldest first), which request's next prompt chunk runs (so a long
+multi-image prompt delays the others by at most one chunk per turn; prompts take turns), and
+which requests take one batched decode step together, each with its own sampling parameters,
+seed and stop rule.
+
+:class:`BatchScheduler` is the driver: a background thread that asks for a plan each turn and
+carries it out, a condition variable that wakes it, and delivery of each request's text through
+its :class:`~.handle.RequestHandle`. Cancelling a request ends it at the next turn. A failure
+fails its own request only: a prefill or a token's bookkeeping belongs to one request; a failed
+batched decode step is rewound (every request of the step back to what it has recorded, see
+:meth:`~.generation.Generator.rewind`) and each request is stepped alone, so the one that fails
+alone fails and the others go on with exactly the tokens they would have had.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
 import threading
 from collections import deque
-from typing import AsyncIterator, Iterator, Optional
+from dataclasses import dataclass
+from itertools import islice
+from typing import Generic, Optional, Sequence, TypeVar
 
-from .generation import Generator, Request
 from deepseek_vl2.inputs.processor import ProcessedInputs
+from .config import DEFAULT_MAX_WAITING
+from .decode import SlotsExhaustedError
+from .generation import Generator
+from .handle import RequestHandle
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-_DONE = object()
+Item = TypeVar("Item")
+SLOT_POLL_SECONDS = 0.01  # how often requests waiting for slots held outside the scheduler look again
 
 
 class CapacityError(RuntimeError):
     """Too many requests are waiting; the client should retry later."""
 
 
-class RequestHandle:
-    """One submitted request: iterate it (sync or async) for text pieces; ``cancel()`` to stop it.
+@dataclass(frozen=True)
+class Plan(Generic[Item]):
+    """One turn of the scheduler."""
 
-    Sync iteration blocks on a thread-safe queue. Async iteration switches delivery to an
-    ``asyncio.Queue`` fed with ``call_soon_threadsafe``, so no executor thread waits per request.
+    admit: tuple[Item, ...]  # waiting requests that take a slot now (the front of the queue, in order)
+    prefill: Optional[Item]  # the request whose next prompt chunk runs
+    decode: tuple[Item, ...]  # the requests that take one decode step together
+
+
+def schedule(waiting: Sequence[Item], prefilling: Sequence[Item], decoding: Sequence[Item], free_slots: int,
+             max_batch: int) -> Plan[Item]:
+    """The policy: what runs this turn (no side effects; see the module docstring).
+
+    ``waiting``: requests without a slot, oldest first; ``prefilling``: those whose prompt is
+    going in, the next to run first; ``decoding``: those generating. ``free_slots``: slots of the
+    decode state nobody holds (a single-request caller may hold some); ``max_batch``: requests
+    that may hold a slot through this scheduler at once.
     """
-
-    def __init__(self, seq: Request) -> None:
-        self.seq = seq
-        self.cancelled = threading.Event()
-        self._events: "queue.Queue[object]" = queue.Queue()
-        self._lock = threading.Lock()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._async_events: Optional[asyncio.Queue] = None
-
-    @property
-    def stats(self):
-        return self.seq.stats
-
-    def cancel(self) -> None:
-        """Stop generating; the slot is freed at the scheduler's next turn."""
-        self.cancelled.set()
-
-    def _put(self, item: object) -> None:
-        with self._lock:
-            if self._loop is None:
-                self._events.put(item)
-                return
-            try:
-                self._loop.call_soon_threadsafe(self._async_events.put_nowait, item)
-            except RuntimeError:  # the consumer's event loop is gone: nobody is listening
-                self.cancel()
-
-    @staticmethod
-    def _unwrap(item: object) -> object:
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def __iter__(self) -> Iterator[str]:
-        while (item := self._unwrap(self._events.get())) is not _DONE:
-            yield item  # type: ignore[misc]
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        with self._lock:
-            self._loop = asyncio.get_running_loop()
-            self._async_events = asyncio.Queue()
-            while not self._events.empty():
-                self._async_events.put_nowait(self._events.get_nowait())
-        while (item := self._unwrap(await self._async_events.get())) is not _DONE:
-            yield item  # type: ignore[misc]
+    room = max(0, min(free_slots, max_batch - len(prefilling) - len(decoding)))
+    admit = tuple(islice(waiting, room))
+    queue = [*prefilling, *admit]
+    return Plan(admit=admit, prefill=queue[0] if queue else None, decode=tuple(decoding))
 
 
 class BatchScheduler:
     """Runs requests of one :class:`Generator` concurrently in ``max_batch`` cache slots."""
 
     def __init__(self, generator: Generator, max_batch: int = 8, max_len: Optional[int] = None,
-                 max_waiting: int = 64) -> None:
+                 max_waiting: int = DEFAULT_MAX_WAITING) -> None:
         self.generator = generator
         self.max_batch = max_batch
         self.max_len = max_len or generator.context_length
@@ -103,9 +86,8 @@ class BatchScheduler:
 
     # ----------------------------------------------------------------------------- API
     def submit(self, inputs: ProcessedInputs, params: SamplingParams) -> RequestHandle:
-        """Queue a request; bad parameters or a prompt that cannot fit raise here, in the caller."""
-        seq = self.generator.new_sequence(inputs, params, slot=-1, limit=self.max_len)  # raises ContextLengthError
-        handle = RequestHandle(seq)
+        """Queue a request; a prompt that cannot fit or a full queue raise here, in the caller."""
+        handle = RequestHandle(self.generator.new_request(inputs, params, slot=None, limit=self.max_len))
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 raise CapacityError(f"the server is at capacity ({self.max_waiting} requests waiting); retry shortly")
@@ -130,7 +112,7 @@ class BatchScheduler:
         """The KV cache of the generator's persistent decode state (shared with ``Generator.stream``)."""
         return self.engine.state.cache
 
-    # ----------------------------------------------------------------------------- loop
+    # ----------------------------------------------------------------------------- the driver
     def _run(self) -> None:
         while True:
             with self._wake:
@@ -138,76 +120,94 @@ class BatchScheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
-                while self._waiting and self.active < self.max_batch and self.engine.free_slots:
-                    handle = self._waiting.popleft()
-                    handle.seq.slot = self.engine.acquire()
-                    self._prefilling.append(handle)
-            self._drop_cancelled()
-            self._prefill_one_chunk()
-            self._decode_step()
+                self._drop_cancelled()
+                plan = schedule(self._waiting, self._prefilling, self._decoding, len(self.engine.free_slots),
+                                self.max_batch)
+                try:
+                    for handle in plan.admit:
+                        self.generator.admit(handle.request)
+                        self._prefilling.append(self._waiting.popleft())
+                except SlotsExhaustedError:  # a single-request stream took a free slot meanwhile
+                    continue  # plan again with the slots that are free now
+                if plan.prefill is None and not plan.decode:  # only waiting, for slots held outside
+                    self._wake.wait(timeout=SLOT_POLL_SECONDS)  # their release does not notify: poll, don't spin
+                    continue
+            if plan.prefill is not None:
+                self._prefill(plan.prefill)
+            if plan.decode:
+                self._decode(list(plan.decode))
         for handle in [*self._waiting, *self._prefilling, *self._decoding]:
-            handle._put(RuntimeError("the server is shutting down"))
-
-    def _release(self, handle: RequestHandle, error: Optional[BaseException] = None) -> None:
-        if handle.seq.slot >= 0:
-            self.engine.release(handle.seq.slot)
-            handle.seq.slot = -1
-        handle.seq.embeds = None
-        handle._put(error if error is not None else _DONE)
+            self._fail(handle, RuntimeError("the server is shutting down"))
 
     def _drop_cancelled(self) -> None:
-        for group in (self._prefilling, self._decoding):
-            for handle in [h for h in group if h.cancelled.is_set()]:
+        for group in (self._waiting, self._prefilling, self._decoding):
+            for handle in [h for h in group if h.request.cancel_requested.is_set()]:
                 group.remove(handle)
-                handle.seq.stats.finish_reason = "cancelled"
-                self._release(handle)
-        with self._wake:
-            for handle in [h for h in self._waiting if h.cancelled.is_set()]:
-                self._waiting.remove(handle)
-                handle._put(_DONE)
+                handle.request.finish("cancelled")
+                self._retire(handle)
 
-    def _prefill_one_chunk(self) -> None:
-        if not self._prefilling:
-            return
-        handle = self._prefilling[0]
+    def _retire(self, handle: RequestHandle) -> None:
+        """A finished request leaves: its slot goes back and its stream ends (with its error, if any)."""
+        self.generator.release(handle.request)
+        handle.close(handle.request.error)
+
+    def _fail(self, handle: RequestHandle, error: BaseException) -> None:
+        for group in (self._waiting, self._prefilling, self._decoding):
+            if handle in group:
+                group.remove(handle)
+        handle.request.finish("error", error)
+        self._retire(handle)
+
+    def _emit(self, handle: RequestHandle, piece: str) -> None:
+        """Deliver a request's new text; retire it when that was its last token."""
+        if piece:
+            handle.deliver(piece)
+        if handle.request.finished:
+            if handle in self._decoding:
+                self._decoding.remove(handle)
+            self._retire(handle)
+
+    def _prefill(self, handle: RequestHandle) -> None:
+        """One prompt chunk of ``handle`` (the front of the prefill queue); its first token once the prompt is in."""
+        request = handle.request
         try:
-            done = self.generator.prefill_step(handle.seq)
-            if done:
-                self._prefilling.popleft()
-                self._emit([handle], self.generator.sample([handle.seq], handle.seq.next_logits.unsqueeze(0)))
-                if not handle.seq.finished:
-                    self._decoding.append(handle)
-            else:
-                self._prefilling.rotate(-1)  # round robin between long prompts
+            done = self.generator.prefill_step(request)
+            piece = self.generator.sample([request], request.next_logits.unsqueeze(0))[0] if done else ""
         except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
             log.exception("prefill failed")
-            self._prefilling.remove(handle)
-            self._release(handle, err)
-
-    def _decode_step(self) -> None:
-        batch = [h for h in self._decoding if not h.seq.finished]
-        if not batch:
+            self._fail(handle, err)
             return
+        if not done:
+            self._prefilling.rotate(-1)  # round robin between long prompts
+            return
+        self._prefilling.remove(handle)
+        if not request.finished:
+            self._decoding.append(handle)
+        self._emit(handle, piece)
+
+    def _decode(self, batch: list[RequestHandle]) -> None:
+        """One decode step for ``batch``; a failed step is rewound and each request stepped alone."""
         try:
-            self._emit(batch, self.generator.decode([h.seq for h in batch]))
-        except Exception as err:  # noqa: BLE001 - retry one by one so only the failing request fails
-            log.exception("batched decode failed; retrying requests one at a time")
+            tokens = self.generator.next_tokens([h.request for h in batch])
+        except Exception as err:  # noqa: BLE001
             if len(batch) == 1:
-                self._decoding.remove(batch[0])
-                self._release(batch[0], err)
+                log.exception("decode failed")
+                self._fail(batch[0], err)
                 return
+            log.exception("batched decode step failed; rewinding its %d requests and stepping each alone", len(batch))
             for handle in batch:
                 try:
-                    self._emit([handle], self.generator.decode([handle.seq]))
-                except Exception as err:  # noqa: BLE001
-                    self._decoding.remove(handle)
-                    self._release(handle, err)
-
-    def _emit(self, batch: list[RequestHandle], pieces: list[str]) -> None:
-        for handle, piece in zip(batch, pieces):
-            if piece:
-                handle._put(piece)
-            if handle.seq.finished:
-                if handle in self._decoding:
-                    self._decoding.remove(handle)
-                self._release(handle)
+                    self.generator.rewind(handle.request)
+                except Exception as rewind_error:  # noqa: BLE001
+                    self._fail(handle, rewind_error)
+            for handle in [h for h in batch if not h.request.finished]:
+                self._decode([handle])
+            return
+        for handle, token in zip(batch, tokens):
+            try:
+                piece = self.generator.accept(handle.request, token)
+            except Exception as err:  # noqa: BLE001 - its token's bookkeeping is its own
+                log.exception("recording a token failed")
+                self._fail(handle, err)
+                continue
+            self._emit(handle, piece)

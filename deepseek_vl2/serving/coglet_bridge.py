@@ -17,7 +17,8 @@ returned by run() registers a hook that stops its request, and then raises
 ``asyncio.CancelledError``, which coglet reports as ``canceled``.
 
 Guarded: the bridge installs only on the coglet version it was checked against
-(:data:`SUPPORTED_COGLET`), and ``DSVL2_STREAMING=collect`` turns it off. Without it (or when a
+(:data:`SUPPORTED_COGLET`), and the streaming setting "collect" (``DSVL2_STREAMING=collect``,
+read into :class:`~deepseek_vl2.engine.config.EngineConfig`) turns it off. Without it (or when a
 prediction finds no hook list) run() uses the supported mode: the coroutine collects the answer
 and returns it at the end, cancellable at any time (no streaming).
 """
@@ -28,12 +29,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
-import os
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable, Iterator, Optional
 
+from deepseek_vl2.engine.config import STREAMING_ENV, StreamingMode
+
 SUPPORTED_COGLET = "0.23.1"
-MODE_ENV = "DSVL2_STREAMING"  # "auto" (default) or "collect"
 
 _hooks: contextvars.ContextVar[Optional[list[Callable[[], None]]]] = contextvars.ContextVar(
     "dsvl2_cancel_hooks", default=None
@@ -74,10 +75,10 @@ def coglet_version() -> Optional[str]:
         return None
 
 
-def install() -> tuple[bool, str]:
-    """Install the bridge if this server supports it; (installed, a line for the log)."""
-    if os.environ.get(MODE_ENV, "auto").strip().lower() == "collect":
-        return False, f"{MODE_ENV}=collect: answers are sent when complete (no streaming)"
+def install(mode: StreamingMode = "auto") -> tuple[bool, str]:
+    """Install the bridge if ``mode`` is "auto" and this server supports it; (installed, a line for the log)."""
+    if mode == "collect":
+        return False, f"{STREAMING_ENV}=collect: answers are sent when complete (no streaming)"
     found = coglet_version()
     if found != SUPPORTED_COGLET:
         return False, (

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from deepseek_vl2.engine.sampling import SamplingParams
+from deepseek_vl2.engine.sampling import InvalidSamplingParams, SamplingParams
 
 IMAGE_INPUTS = ("image", "image_2", "image_3", "image_4")  # order of the images in the prompt
 MAX_STOP_SEQUENCES = 16
@@ -27,6 +27,7 @@ MAX_STOP_SEQUENCES = 16
 MAX_TEXT_CHARS = 100_000
 # Input name -> SamplingParams field, where they differ.
 SAMPLING_FIELDS = {"max_length_tokens": "max_new_tokens"}
+INPUT_NAMES = {field: name for name, field in SAMPLING_FIELDS.items()}
 _NUMBER_INPUTS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_length_tokens", "seed")
 
 FILE_ORIGIN_MESSAGE = (
@@ -122,6 +123,22 @@ def check_file(name: str, value: Any, uploaded: tuple[type, ...]) -> Path:
     raise ValueError(f"{name} must be a file (a data: URI or an http(s) URL), got {type(value).__name__}")
 
 
+def sampling_params(numbers: Mapping[str, Any], stop: tuple[str, ...],
+                    limits: Mapping[str, tuple[float, float]]) -> SamplingParams:
+    """The request's SamplingParams, made once: the engine's own checks (SamplingParams accepts
+    only valid values), then the narrower ``limits`` of run()'s declarations (input name ->
+    (ge, le)). ``numbers`` are keyed by input name; a ValueError names the input."""
+    try:
+        params = SamplingParams(**{SAMPLING_FIELDS.get(name, name): v for name, v in numbers.items()}, stop=stop)
+    except InvalidSamplingParams as error:
+        raise ValueError(error.named(INPUT_NAMES)) from None
+    for name, (low, high) in limits.items():
+        given = numbers.get(name)
+        if given is not None and not low <= given <= high:
+            raise ValueError(f"{name} must be between {low} and {high}, got {given!r}")
+    return params
+
+
 def validate_inputs(arguments: Mapping[str, Any], declarations: Declarations) -> PredictRequest:
     """Check every run() argument once; raise ValueError with a message meant for the user.
 
@@ -143,12 +160,6 @@ def validate_inputs(arguments: Mapping[str, Any], declarations: Declarations) ->
         raise ValueError("prompt must not be empty: ask something about the image")
     stop = parse_stop_sequences(_check_text("stop_sequences", value("stop_sequences"), optional=True))
     system_prompt = _check_text("system_prompt", value("system_prompt"), optional=True).strip()
-    numbers = {SAMPLING_FIELDS.get(name, name): value(name) for name in _NUMBER_INPUTS}
-    limits = {SAMPLING_FIELDS.get(name, name): bounds for name, bounds in declarations.limits.items()
-              if name in _NUMBER_INPUTS}
-    params = SamplingParams(**numbers, stop=stop)
-    params.validate(limits, names={field: name for name, field in SAMPLING_FIELDS.items()})
-    for field in ("temperature", "top_p", "repetition_penalty"):  # 0 -> 0.0: same value
-        setattr(params, field, float(getattr(params, field)))
+    params = sampling_params({name: value(name) for name in _NUMBER_INPUTS}, stop, declarations.limits)
     return PredictRequest(prompt=prompt, images=images, system_prompt=system_prompt, params=params)
 

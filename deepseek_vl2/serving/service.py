@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import os
 import sys
 import threading
 import time
@@ -24,9 +23,11 @@ import torch
 from PIL import Image
 
 from deepseek_vl2 import weights
+from deepseek_vl2.engine.config import EngineConfig
 from deepseek_vl2.engine.generation import Generator
 from deepseek_vl2.engine.sampling import SamplingParams
-from deepseek_vl2.engine.scheduler import BatchScheduler, RequestHandle
+from deepseek_vl2.engine.handle import RequestHandle
+from deepseek_vl2.engine.scheduler import BatchScheduler
 from deepseek_vl2.grounding import parse_grounding
 from deepseek_vl2.inputs.images import load_image
 from deepseek_vl2.model.checkpoint import default_device, default_dtype, weight_files
@@ -37,29 +38,6 @@ from deepseek_vl2.serving.inputs import PredictRequest
 
 IMAGE_TAG = "<image>"
 Record = Callable[[str, Any], None]  # record_metric(name, value)
-
-
-def _env_number(name: str, default: str, parse: Callable[[str], Any], what: str) -> Any:
-    """``parse`` of the environment variable ``name`` (``default`` when unset); a value that does
-    not parse is logged and replaced by the default."""
-    raw = os.environ.get(name, default)
-    try:
-        return parse(raw)
-    except ValueError:
-        print(f"ignoring {name}={raw!r}: not {what}", flush=True)
-        return parse(default)
-
-
-def concurrency_slots() -> int:
-    """Predictions served at once: ``COG_MAX_CONCURRENCY`` (set by `cog build` from
-    ``@cog.concurrent``), else 1."""
-    return max(1, _env_number("COG_MAX_CONCURRENCY", "1", int, "an integer"))
-
-
-def warmup_budget() -> float:
-    """Seconds setup may spend compiling decode buckets (``DSVL2_WARMUP_SECONDS``, default 300);
-    buckets not reached compile on first use."""
-    return max(0.0, _env_number("DSVL2_WARMUP_SECONDS", "300", float, "a number"))
 
 
 class _PrintHandler(logging.Handler):
@@ -79,18 +57,23 @@ def _show_engine_logs() -> None:
 class Service:
     """The loaded model, its scheduler and how a prediction runs on them."""
 
-    def __init__(self, engine: Generator, slots: int) -> None:
+    def __init__(self, engine: Generator, settings: EngineConfig) -> None:
         self.engine = engine
-        self.scheduler = BatchScheduler(engine, max_batch=slots)
-        self.streaming, mode = coglet_bridge.install()
-        print(f"serving up to {slots} prediction(s) at once in one batch "
+        self.scheduler = BatchScheduler(engine, max_batch=settings.slots, max_waiting=settings.max_waiting)
+        self.streaming, mode = coglet_bridge.install(settings.streaming)
+        print(f"serving up to {settings.slots} prediction(s) at once in one batch "
               f"({self.scheduler.cache.nbytes() / 2**20:.0f} MiB KV cache); {mode}", flush=True)
 
     @classmethod
-    def start(cls, weights_source: Optional[str] = None) -> "Service":
-        """Find or download the checkpoint, check GPU memory, load it, warm it up."""
+    def start(cls, weights_source: Optional[str] = None, settings: Optional[EngineConfig] = None) -> "Service":
+        """Find or download the checkpoint, check GPU memory, load it, warm it up.
+
+        ``settings`` default to :meth:`EngineConfig.from_environment`, read here, once (an
+        invalid value stops setup with a message naming the variable).
+        """
         started = time.perf_counter()
         _show_engine_logs()
+        settings = settings if settings is not None else EngineConfig.from_environment()
         checkpoint = weights.resolve_checkpoint(weights_source)
         config = load_config(checkpoint)  # config.json and the file list are read once, here
         files = weight_files(checkpoint)
@@ -101,21 +84,21 @@ class Service:
             weights.check_gpu_memory(weights.parameters_on_disk(files), free_bytes, config.variant)
         else:
             print("no CUDA GPU found: running on the CPU in float32 (slow)", flush=True)
-        slots = concurrency_slots()
         # The persistent decode state (KV cache + step buffers) is sized here for every slot.
-        engine = Generator.load(checkpoint, device=device, dtype=dtype, max_batch=slots,
+        engine = Generator.load(checkpoint, device=device, dtype=dtype, prefill_chunk=settings.prefill_chunk,
+                                compile=settings.compile, max_batch=settings.slots, kv_bucket=settings.kv_bucket,
                                 config=config, weight_files=files)
         loaded = time.perf_counter()
         print(f"loaded {engine.variant} from {checkpoint} on {device} as {dtype} "
               f"in {loaded - started:.1f} s", flush=True)
         if engine.engine.compiled:  # every batch × KV bucket, logged one line each, within a bound
-            engine.warmup(max_seconds=warmup_budget())
+            engine.warmup(max_seconds=settings.warmup_seconds)
         blank = Image.new("RGB", (64, 64), (127, 127, 127))  # first request pays no lazy setup
         for _ in engine.stream(engine.prepare(f"{IMAGE_TAG}\nWhat is this?", [blank]),
                                SamplingParams(temperature=0.0, max_new_tokens=2)):
             pass
         print(f"warm-up took {time.perf_counter() - loaded:.1f} s", flush=True)
-        return cls(engine, slots)
+        return cls(engine, settings)
 
     # ------------------------------------------------------------------------- predictions
     async def answer(self, request: PredictRequest, record: Record) -> Iterator[str]:

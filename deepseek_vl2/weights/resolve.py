@@ -15,7 +15,9 @@ import fnmatch
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Optional
 
 from .variants import DEFAULT_VARIANT, GB, VARIANT_ENV, VARIANTS, resolve_variant, variant_for_repo
 
@@ -33,6 +35,28 @@ ALLOW_PATTERNS = [
     "*.safetensors",
     "model.safetensors.index.json",
 ]
+
+
+@dataclass(frozen=True)
+class WeightsEnvironment:
+    """What the environment says about the checkpoint; empty values count as unset.
+
+    The one reader of these variables (every entry point below calls
+    :meth:`from_environment` once, when it runs). ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are read by
+    huggingface_hub itself.
+    """
+
+    weights: Optional[str]  # COG_WEIGHTS: a checkpoint directory or an http(s) URL of a .tar of one
+    variant: Optional[str]  # DSVL2_VARIANT: what to download into an empty weights/ (None: not chosen)
+    download_dir: Path  # DSVL2_DOWNLOAD_DIR: where a URL's archive is unpacked
+    hub: str  # HF_ENDPOINT, for messages
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "WeightsEnvironment":
+        """The variables as ``environ`` has them now."""
+        return cls(weights=environ.get(WEIGHTS_ENV) or None, variant=environ.get(VARIANT_ENV) or None,
+                   download_dir=Path(environ.get(DOWNLOAD_DIR_ENV) or DEFAULT_WEIGHTS_DIR),
+                   hub=environ.get("HF_ENDPOINT") or "https://huggingface.co")
 
 
 class DownloadError(RuntimeError):
@@ -101,7 +125,7 @@ def download(
     repo_id = resolve_variant(variant)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    hub = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    hub = endpoint or WeightsEnvironment.from_environment().hub
     alternatives = (
         "Alternatively put a checkpoint (config.json, processor_config.json, tokenizer files, "
         f"*.safetensors) into {dest} or point COG_WEIGHTS at a directory holding one."
@@ -175,14 +199,15 @@ def resolve_checkpoint(weights: str | None = None) -> Path:
     downloaded into it. Raises ValueError for an unusable directory, DownloadError when a
     download fails.
     """
-    explicit = weights or os.environ.get(WEIGHTS_ENV)
+    environment = WeightsEnvironment.from_environment()
+    explicit = weights or environment.weights
     if explicit:
         text = str(explicit)
         if text.startswith(("http://", "https://")):
             from deepseek_vl2.weights.fetch import FetchError, fetch_checkpoint
 
             try:
-                path = fetch_checkpoint(text, Path(os.environ.get(DOWNLOAD_DIR_ENV) or DEFAULT_WEIGHTS_DIR))
+                path = fetch_checkpoint(text, environment.download_dir)
             except FetchError as error:
                 raise DownloadError(str(error)) from error
         else:
@@ -197,17 +222,17 @@ def resolve_checkpoint(weights: str | None = None) -> Path:
             raise ValueError(f"checkpoint directory {path} lacks: {', '.join(missing)}")
         return path
 
-    repo_id = resolve_variant(os.environ.get(VARIANT_ENV) or DEFAULT_VARIANT)
+    repo_id = resolve_variant(environment.variant or DEFAULT_VARIANT)
     path = DEFAULT_WEIGHTS_DIR
     if not missing_checkpoint_files(path):
-        _check_variant_matches(path, repo_id)
+        _check_variant_matches(path, repo_id, chosen=environment.variant is not None)
         return path
     return download(repo_id, path)
 
 
-def _check_variant_matches(path: Path, repo_id: str) -> None:
-    """Refuse a weights/ directory holding another official variant than DSVL2_VARIANT asks."""
-    if not os.environ.get(VARIANT_ENV) or variant_for_repo(repo_id) is None:
+def _check_variant_matches(path: Path, repo_id: str, chosen: bool) -> None:
+    """Refuse a weights/ directory holding another official variant than DSVL2_VARIANT asks (``chosen``: it is set)."""
+    if not chosen or variant_for_repo(repo_id) is None:
         return
     wanted, found = repo_id.split("/", 1)[1], checkpoint_name(path)
     if found not in ("custom", wanted):
@@ -223,11 +248,12 @@ def serve_plan(dest: Path = DEFAULT_WEIGHTS_DIR) -> tuple[bool, str]:
     Not fine: no COG_WEIGHTS, no complete checkpoint in ``dest`` and no explicit
     DSVL2_VARIANT, which would download the 55 GB base model without being asked to.
     """
-    if os.environ.get(WEIGHTS_ENV):
-        return True, f"weights: {WEIGHTS_ENV}={os.environ[WEIGHTS_ENV]}"
+    environment = WeightsEnvironment.from_environment()
+    if environment.weights:
+        return True, f"weights: {WEIGHTS_ENV}={environment.weights}"
     if not missing_checkpoint_files(dest):
         return True, f"weights: {dest} ({checkpoint_name(dest)})"
-    chosen = os.environ.get(VARIANT_ENV)
+    chosen = environment.variant
     if not chosen:
         sizes = ", ".join(f"{k} (about {v.download_bytes / GB:.0f} GB)" for k, v in VARIANTS.items())
         return False, (
@@ -246,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Download a DeepSeek-VL2 checkpoint.")
     parser.add_argument(
         "--variant",
-        default=os.environ.get(VARIANT_ENV, DEFAULT_VARIANT),
+        default=WeightsEnvironment.from_environment().variant or DEFAULT_VARIANT,
         help=f"tiny, small, base or a repo id (default: ${VARIANT_ENV} or {DEFAULT_VARIANT})",
     )
     parser.add_argument("--dest", type=Path, default=DEFAULT_WEIGHTS_DIR, help="target directory")
