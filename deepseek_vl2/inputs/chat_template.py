@@ -13,6 +13,9 @@ Two different texts come out of a conversation, exactly as in the official proce
 * :func:`format_user_turn` — the text that is tokenized for one user turn
   (``"<|User|>: " + text + "\\n\\n<|Assistant|>:"``); assistant replies are tokenized on their own
   (see ``processor.py``).
+
+:func:`build_conversation` makes the conversation of one request: the earlier turns, the new
+user prompt and the open assistant turn, with the images' tags placed.
 """
 
 from __future__ import annotations
@@ -90,14 +93,25 @@ def user_turn_segments(text: str) -> list[tuple[str, bool]]:
 
 
 def build_conversation(
-    prompt: str, num_images: int, image_token: str = "<image>"
+    prompt: str,
+    num_images: int,
+    image_token: str = "<image>",
+    history: Sequence[Mapping[str, str]] = (),
 ) -> list[dict[str, str]]:
-    """A single-turn conversation for `prompt`, ready for `DeepseekVL2Processor.process`.
+    """The conversation for `prompt` after the earlier turns `history`, ready for
+    `DeepseekVL2Processor.process`.
 
-    Without any `<image>` tag in the prompt, `num_images` tags (each followed by a newline) are
-    put in front of it; with tags, the prompt is kept as is (process() checks the count).
+    `history` holds the earlier turns (``{"role": ..., "content": ...}``, starting with a user
+    turn, alternating, ending with an assistant reply); `prompt` is the new user turn and an
+    open assistant turn follows it. Without any `<image>` tag in the whole conversation,
+    `num_images` tags (each followed by a newline) are put in front of the first user text; with
+    tags, every turn is kept as is (process() checks the count).
     """
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
-    content = prompt if image_token in prompt else f"{image_token}\n" * num_images + prompt
-    return [{"role": USER_ROLE, "content": content}, {"role": ASSISTANT_ROLE, "content": ""}]
+    turns = [{"role": normalize_role(m["role"]), "content": m["content"]} for m in history]
+    turns.append({"role": USER_ROLE, "content": prompt})
+    if not any(image_token in turn["content"] for turn in turns):
+        first = next(turn for turn in turns if turn["role"] == USER_ROLE)
+        first["content"] = f"{image_token}\n" * num_images + first["content"]
+    return [*turns, {"role": ASSISTANT_ROLE, "content": ""}]

@@ -65,6 +65,7 @@ class ProcessedInputs:
     images_seq_mask: torch.Tensor  # [T] bool, true at image-token positions
     images_spatial_crop: torch.Tensor  # [n_images, 2] int64 (tiles across, tiles down); [[0, 0]] without image
     num_image_tokens: list[int]  # per image
+    earlier_text_tokens: int = 0  # text tokens of the turns before the last user turn
 
 
 class DeepseekVL2Processor:
@@ -287,7 +288,12 @@ class DeepseekVL2Processor:
                 )
             add(self._caller_text_plan(system_prompt.strip() + SYSTEM_SEPARATOR, structural))
 
-        for role, text in turns:
+        last_user = max((i for i, (role, _) in enumerate(turns) if role == USER_ROLE), default=0)
+        turns_start = len(ids)  # after bos and the system prompt
+        earlier_text_tokens = 0
+        for index, (role, text) in enumerate(turns):
+            if index == last_user:
+                earlier_text_tokens = len(ids) - turns_start - sum(token_counts)
             if role == ASSISTANT_ROLE:
                 add(self._caller_text_plan(text, structural))
                 ids.append(self.eos_id)
@@ -314,6 +320,7 @@ class DeepseekVL2Processor:
             images_seq_mask=torch.tensor(mask, dtype=torch.bool),
             images_spatial_crop=spatial_crop,
             num_image_tokens=token_counts,
+            earlier_text_tokens=earlier_text_tokens,
         )
 
     # ----------------------------------------------------------------- tokenization plans
@@ -378,6 +385,7 @@ class DeepseekVL2Processor:
 
     def token_parts(self, inputs: ProcessedInputs) -> str:
         """How a prompt's tokens split, e.g. "2 images: 421 + 1023 tokens; text: 17 tokens"
+        (", 12 of them in earlier turns" when the conversation has earlier turns)
         (for the engine's one context-length message, ``Generator.budget``)."""
         image_tokens = list(inputs.num_image_tokens)
         parts = []
@@ -387,7 +395,10 @@ class DeepseekVL2Processor:
                 f"{count} image{'s' if count > 1 else ''}: "
                 f"{' + '.join(str(n) for n in image_tokens)} tokens"
             )
-        parts.append(f"text: {int(inputs.input_ids.numel()) - sum(image_tokens)} tokens")
+        text = f"text: {int(inputs.input_ids.numel()) - sum(image_tokens)} tokens"
+        if inputs.earlier_text_tokens:
+            text += f", {inputs.earlier_text_tokens} of them in earlier turns"
+        parts.append(text)
         return "; ".join(parts)
 
     def image_token_advice(self) -> str:
