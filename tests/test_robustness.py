@@ -425,7 +425,7 @@ def turns(*contents: str) -> str:
 BAD_CONVERSATIONS = {
     "not JSON": ({"messages": "user: Hi\nassistant: Hello"}, "messages is not valid JSON"),
     "not an array": ({"messages": '{"role": "user", "content": "Hi"}'},
-                     "messages must be a JSON array of turns, got a JSON object"),
+                     "messages must be a JSON array of turns, got an object"),
     "wrong role": ({"messages": '[{"role": "bot", "content": "Hi"}]'},
                    'messages[0].role must be "user" or "assistant", got "bot"'),
     "wrong order": ({"messages": turns("Hi", "Hello").replace('"user"', '"assistant"', 1)},
@@ -433,7 +433,7 @@ BAD_CONVERSATIONS = {
     "ends with a user turn": ({"messages": turns("Hi")},
                               "messages ends with a user turn (messages[0]); end it with the assistant's reply"),
     "content not a string": ({"messages": '[{"role": "user", "content": [{"type": "text"}]}]'},
-                             "messages[0].content must be a string, got list"),
+                             "messages[0].content must be a string, got an array"),
     "image URL in a message": (
         {"messages": '[{"role": "user", "content": "Hi", "image_url": "http://127.0.0.1:9/x.png"}]'},
         "Images inside messages are never fetched or read"),
@@ -909,7 +909,7 @@ def test_validate_inputs_cleans_prompt_and_system_prompt(image_dir) -> None:
         check_inputs(**direct_args(image_dir / "ok.png", prompt="\x00\x1b"))
 
 
-@pytest.mark.parametrize("name", ["prompt", "system_prompt"])
+@pytest.mark.parametrize("name", ["prompt", "system_prompt", "messages"])
 def test_validate_inputs_refuses_huge_text(image_dir, name: str) -> None:
     with pytest.raises(ValueError, match=f"{name} is 100001 characters long"):
         check_inputs(**direct_args(image_dir / "ok.png", **{name: "a" * 100_001}))

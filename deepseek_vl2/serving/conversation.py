@@ -51,7 +51,7 @@ def _turn(index: int, message: Any) -> dict[str, str]:
     if not isinstance(message, Mapping):
         raise ValueError(
             f"{where} must be an object like {{\"role\": \"user\", \"content\": \"...\"}}, "
-            f"got {type(message).__name__}"
+            f"got {_json_kind(message)}"
         )
     extra = [key for key in message if key not in KEYS]
     if extra:
@@ -70,7 +70,7 @@ def _turn(index: int, message: Any) -> dict[str, str]:
         raise ValueError(f"{where}.role must be \"user\" or \"assistant\", got {json.dumps(role)}{hint}")
     if not isinstance(content, str):
         raise ValueError(
-            f"{where}.content must be a string, got {type(content).__name__}; images go in the "
+            f"{where}.content must be a string, got {_json_kind(content)}; images go in the "
             f"image inputs (image, image_2, …) and {IMAGE_TAG} marks where each goes"
         )
     _refuse_control_characters(f"{where}.content", content)
@@ -103,7 +103,7 @@ def parse_messages(text: str) -> list[dict[str, str]]:
         raise ValueError("messages is nested too deeply; send a flat JSON array of turns") from None
     if not isinstance(parsed, list):
         raise ValueError(
-            f"messages must be a JSON array of turns, got a JSON {_json_kind(parsed)}; "
+            f"messages must be a JSON array of turns, got {_json_kind(parsed)}; "
             f"for example {MESSAGES_EXAMPLE}"
         )
     turns = [_turn(index, message) for index, message in enumerate(parsed)]
@@ -127,7 +127,9 @@ def _a(role: str) -> str:
 
 
 def _json_kind(value: Any) -> str:
-    kinds = {dict: "object", str: "string", bool: "boolean", int: "number", float: "number"}
+    """What a parsed JSON value is, in JSON's words: "an object", "a number", "null", …"""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number"}
     return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
