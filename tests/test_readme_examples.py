@@ -18,7 +18,6 @@ from typing import Iterator
 
 import pytest
 import yaml
-
 from PIL import Image
 
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor, build_conversation
