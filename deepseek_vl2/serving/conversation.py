@@ -45,6 +45,17 @@ def _refuse_control_characters(where: str, text: str) -> None:
         )
 
 
+def _a(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words: "an object", "a number", "null", …"""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
 def _turn(index: int, message: Any) -> dict[str, str]:
     """One checked turn of the messages array."""
     where = f"messages[{index}]"
@@ -120,17 +131,6 @@ def parse_messages(text: str) -> list[dict[str, str]]:
             "assistant's reply: the new question goes in prompt"
         )
     return turns
-
-
-def _a(role: str) -> str:
-    return f"an {role}" if role == "assistant" else f"a {role}"
-
-
-def _json_kind(value: Any) -> str:
-    """What a parsed JSON value is, in JSON's words: "an object", "a number", "null", …"""
-    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number"}
-    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 def check_image_tags(history: Sequence[Mapping[str, str]], prompt: str, num_images: int,
