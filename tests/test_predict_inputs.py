@@ -33,6 +33,7 @@ from reference_data import reference_dir
 from deepseek_vl2.weights import resolve as download_weights
 from deepseek_vl2 import weights
 from deepseek_vl2.serving import inputs as serving_inputs
+from deepseek_vl2.serving.conversation import parse_messages
 from scripts import make_openapi_schema
 from deepseek_vl2.weights import DownloadError
 
@@ -268,6 +269,20 @@ def test_schema_inputs_match_the_predict_signature() -> None:
     assert inputs["required"] == required == ["prompt"]
     images = [name for name, prop in inputs["properties"].items() if prop.get("format") == "uri"]
     assert images == list(serving_inputs.IMAGE_INPUTS)
+
+
+def test_messages_is_a_text_field_whose_example_is_accepted() -> None:
+    """The web form shows `messages` as text; the example in its description is a valid value,
+    and the description says URLs in it are never fetched."""
+    prop = predictor_schema()["components"]["schemas"]["Input"]["properties"]["messages"]
+    assert prop["type"] == "string" and "format" not in prop and prop["nullable"] is True
+    example = re.search(r"Example: (\[.*?\])\. ", prop["description"])
+    assert example, prop["description"]
+    turns = parse_messages(example.group(1))
+    assert [turn["role"] for turn in turns] == ["user", "assistant"]
+    assert "never fetched" in prop["description"]
+    image = predictor_schema()["components"]["schemas"]["Input"]["properties"]["image"]
+    assert image["nullable"] is True and "text-only" in image["description"]
 
 
 def test_schema_declares_streamed_text_output() -> None:
@@ -752,7 +767,8 @@ def test_http_stream_sends_the_same_text_as_events(server, two_images) -> None:
 @pytest.mark.parametrize(
     "field, value",
     [("temperature", 2.5), ("top_p", 0), ("top_k", "many"), ("repetition_penalty", 0.5),
-     ("max_length_tokens", 4097), ("seed", -1), ("image_2", None), ("prompt", None)],
+     ("max_length_tokens", 4097), ("seed", -1), ("image_2", None), ("prompt", None),
+     ("messages", [{"role": "user", "content": "Hi"}])],
 )
 def test_http_refuses_bad_inputs_with_422(server, field: str, value: Any) -> None:
     inputs = {"image": data_uri(reference_dir() / "inputs" / "small_200x150.png"), "prompt": "Hi"}
