@@ -44,8 +44,8 @@ from deepseek_vl2.inputs.processor import (
     GROUNDING_TOKENS,
     DeepseekVL2Processor,
     build_conversation,
-    split_on_tokens,
 )
+from deepseek_vl2.inputs.tokenizer import split_on_tokens
 from deepseek_vl2.engine.sampling import SamplingParams
 from reference_data import case_params, checkpoint_dir, expected_processor_tensors, load_case_inputs
 from scripts.make_test_checkpoint import make_checkpoint
