@@ -132,6 +132,22 @@ def test_images_without_tags_go_before_the_first_user_text(case: str) -> None:
                        expected_processor_tensors(case)["input_ids"])
 
 
+@pytest.mark.parametrize("in_prompt", [1, 2])
+def test_three_or_four_images_in_a_conversation_are_one_view_each(in_prompt: int) -> None:
+    """The image count of the whole conversation decides the tiling: with 3 or 4, even a wide
+    image that alone gets 3x1 tiles is seen once at 384x384."""
+    inputs = reference_dir() / "inputs"
+    wide = inputs / "wide_1000x300.png"
+    assert prepared("Describe.", [], [wide]).images_spatial_crop.tolist() == [[3, 1]]
+    history = [{"role": "user", "content": "<image> <image> What are these?"},
+               {"role": "assistant", "content": "Two pictures."}]
+    files = [wide, inputs / "square_800x800.png", *[inputs / "small_200x150.png"] * in_prompt]
+    ours = prepared("And " + "<image> " * in_prompt + "?", history, files)
+    one_view = generator().processor.num_image_tokens(1000, 300, num_images=3)
+    assert ours.images_spatial_crop.tolist() == [[1, 1]] * len(files)
+    assert ours.num_image_tokens == [one_view] * len(files)
+
+
 def test_grounding_tags_in_earlier_turns_stay_tags() -> None:
     """A grounding answer sent back as an earlier turn keeps its tags as tokens."""
     reply = "<|ref|>the square<|/ref|><|det|>[[10, 20, 300, 400]]<|/det|>"
