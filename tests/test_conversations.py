@@ -3,8 +3,9 @@
 Every reference case is sent the way a client would send it — the last user turn as `prompt`,
 the turns before it as the `messages` JSON, the images as file inputs — and must give the
 official processor's tokens (through predict.py's checks and the engine's `prepare`, the path
-a prediction takes), and, through Cog's real HTTP server, the official greedy tokens. Text-only
-and multi-turn requests batched beside an image request give the answers each gives alone.
+a prediction takes), and, through Cog's real HTTP server, the official greedy answer (its text
+and token count, streamed). Text-only and multi-turn requests batched beside an image request
+give the answers each gives alone.
 The malformed-conversation cases are in test_robustness.py and test_predict_inputs.py.
 """
 
