@@ -31,6 +31,7 @@ from reference_data import (
     case_meta,
     case_names,
     checkpoint_dir,
+    config_names,
     expected_processor_tensors,
     reference_available,
     reference_dir,
@@ -47,6 +48,7 @@ from deepseek_vl2.serving.conversation import IMAGE_TAG
 pytestmark = pytest.mark.skipif(not reference_available(), reason=skip_reason())
 
 ROLE_NAMES = {USER_ROLE: "user", ASSISTANT_ROLE: "assistant"}
+EOS = "<｜end▁of▁sentence｜>"
 CONFIG = "tiny"  # the reference checkpoint served through Cog's server
 SLOTS = 3  # the text-only, the multi-turn and the image request at once
 
@@ -93,8 +95,8 @@ def prepared(prompt: str, history: list[dict[str, str]], files: list[Path]):
     return generator().prepare(request.prompt, images, request.system_prompt, request.history)
 
 
-def official_greedy(case: str) -> dict[str, Any]:
-    path = reference_dir() / "outputs" / CONFIG / f"{case}.json"
+def official_greedy(case: str, config: str = CONFIG) -> dict[str, Any]:
+    path = reference_dir() / "outputs" / config / f"{case}.json"
     return json.loads(path.read_text(encoding="utf-8"))["greedy"]
 
 
@@ -176,16 +178,29 @@ def _text(body: dict[str, Any]) -> str:
     return "".join(body["output"])
 
 
+@pytest.fixture(scope="module", params=config_names())
+def config_server(request: pytest.FixtureRequest) -> tuple[str, CogServer]:
+    """Cog's server on each reference checkpoint in turn: (config, server)."""
+    with cog_server("predict.py:Predictor", weights=checkpoint_dir(request.param),
+                    retry_busy=10) as running:
+        yield request.param, running
+
+
 @pytest.mark.parametrize("case", conversation_cases())
-def test_conversation_streams_the_official_greedy_answer(server: CogServer, case: str) -> None:
-    greedy = official_greedy(case)
+def test_conversation_streams_the_official_greedy_answer(config_server: tuple[str, CogServer],
+                                                         case: str) -> None:
+    """Text and token count of the official greedy decode (16 tokens, or fewer where it stopped
+    at eos: the end-of-sentence token is counted but not shown)."""
+    config, server = config_server
+    greedy = official_greedy(case, config)
     status, events = server.predict_stream(
         http_inputs(case, temperature=0, max_length_tokens=greedy["n_new"]))
     assert status == 200
     assert events[0].event == "start" and events[-1].event == "completed", events[-1]
     assert events[-1].data["status"] == "succeeded", events[-1].data
     chunks = [event.data["chunk"] for event in events if event.event == "output"]
-    assert len(chunks) > 1 and "".join(chunks) == greedy["text"]
+    shown = greedy["text"].removesuffix(EOS) if greedy["stopped_at_eos"] else greedy["text"]
+    assert len(chunks) > 1 and "".join(chunks) == shown
     metrics = {event.data["name"]: event.data["value"] for event in events if event.event == "metric"}
     assert metrics["input_token_count"] == official_prompt_tokens(case)
     assert metrics["output_token_count"] == greedy["n_new"]
