@@ -1,4 +1,4 @@
-"""Cog runner for DeepSeek-VL2: one to four images and a prompt in, streamed text out.
+"""Cog runner for DeepSeek-VL2: a prompt, up to four images and earlier turns in, streamed text out.
 
 Glue only: the inputs are declared here (``cog build`` reads them from this file, statically),
 everything else lives in ``deepseek_vl2.serving``. Up to 8 predictions run at once, batched in
@@ -17,8 +17,8 @@ __all__ = ["IMAGE_INPUTS", "Predictor"]
 # Input descriptions. `cog build` reads run()'s Input() arguments statically (a tree-sitter
 # parser): descriptions and defaults may name a module-level literal of this file, ge/le must be
 # number literals. Each range is written once, below; the checks read it from the declaration.
-PROMPT_DESCRIPTION = "Question or instruction. <image> marks where each image goes (image, image_2, ... in order); without it the images come before the text. Grounding: <|ref|>object<|/ref|> locates an object, <|grounding|> captions with boxes."  # noqa: E501
-IMAGE_DESCRIPTION = "Image to ask about: a data: URI or an http(s) URL."
+PROMPT_DESCRIPTION = "Question or instruction (the next user turn after messages). <image> marks where each image goes (image, image_2, ... in order); without it the images come before the text. Grounding: <|ref|>object<|/ref|> locates an object, <|grounding|> captions with boxes."  # noqa: E501
+IMAGE_DESCRIPTION = "Image to ask about: a data: URI or an http(s) URL. Leave it out for a text-only question."  # noqa: E501
 IMAGE_3_DESCRIPTION = "Optional third image. With 3 or more images each is seen at 384x384 only (no tiles)."  # noqa: E501
 TEMPERATURE_DESCRIPTION = "Randomness. 0 = greedy (always the most likely token); 0.7 or less recommended."  # noqa: E501
 TOP_K_DESCRIPTION = "Sample only among the k most likely tokens. 0 = off."
@@ -26,6 +26,7 @@ TOP_P_DESCRIPTION = "Nucleus sampling: sample among the most likely tokens whose
 REPETITION_PENALTY_DESCRIPTION = "Penalty for tokens already in the prompt or answer. 1 = off. Not applied when temperature is 0."  # noqa: E501
 MAX_LENGTH_TOKENS_DESCRIPTION = "Maximum number of tokens to generate (fewer when prompt and images leave less room in the 4096-token context)."  # noqa: E501
 STOP_DESCRIPTION = "Comma-separated texts that end the answer, e.g. </answer>,###"
+MESSAGES_DESCRIPTION = 'Optional earlier turns of the conversation, as a JSON array of {"role": "user" or "assistant", "content": "..."} turns that alternate, start with a user turn and end with the assistant reply; prompt is the next user turn. Example: [{"role": "user", "content": "<image> What is this?"}, {"role": "assistant", "content": "A red square."}]. The images fill the <image> tags of the whole conversation in order. Images come only from the image inputs: URLs in messages are never fetched.'  # noqa: E501
 SEED_DESCRIPTION = "Random seed for reproducible sampling. Leave empty for a random one (printed in the logs)."  # noqa: E501
 
 
@@ -40,7 +41,7 @@ class Predictor(BaseRunner):
     @cog.concurrent(max=8)
     async def run(
         self,
-        image: Path = Input(description=IMAGE_DESCRIPTION),
+        image: Optional[Path] = Input(default=None, description=IMAGE_DESCRIPTION),
         prompt: str = Input(description=PROMPT_DESCRIPTION),
         image_2: Optional[Path] = Input(default=None, description="Optional second image."),
         image_3: Optional[Path] = Input(default=None, description=IMAGE_3_DESCRIPTION),
@@ -48,6 +49,7 @@ class Predictor(BaseRunner):
         system_prompt: Optional[str] = Input(
             default=None, description="Optional text placed before the conversation."
         ),
+        messages: Optional[str] = Input(default=None, description=MESSAGES_DESCRIPTION),
         temperature: float = Input(
             default=0.1, ge=0.0, le=2.0, description=TEMPERATURE_DESCRIPTION
         ),
@@ -64,15 +66,15 @@ class Predictor(BaseRunner):
             default=None, ge=0, le=4294967295, description=SEED_DESCRIPTION
         ),
     ) -> ConcatenateIterator[str]:
-        """Answer the prompt about the image(s), streaming the text as it is generated.
+        """Answer the prompt (about the images, after the earlier turns), streaming the text.
 
         A coroutine that returns a generator: Cog's server runs up to 8 at once and sends each
         piece as the generator yields it (deepseek_vl2/serving/coglet_bridge.py says why).
         """
         request = validate_inputs(dict(
             image=image, prompt=prompt, image_2=image_2, image_3=image_3, image_4=image_4,
-            system_prompt=system_prompt, temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, max_length_tokens=max_length_tokens,
+            system_prompt=system_prompt, messages=messages, temperature=temperature, top_p=top_p,
+            top_k=top_k, repetition_penalty=repetition_penalty, max_length_tokens=max_length_tokens,
             stop_sequences=stop_sequences, seed=seed,
         ), DECLARED)  # fmt: skip
         return await self.service.answer(request, self.record_metric)

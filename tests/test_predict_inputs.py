@@ -33,6 +33,7 @@ from reference_data import reference_dir
 from deepseek_vl2.weights import resolve as download_weights
 from deepseek_vl2 import weights
 from deepseek_vl2.serving import inputs as serving_inputs
+from deepseek_vl2.serving.conversation import parse_messages
 from scripts import make_openapi_schema
 from deepseek_vl2.weights import DownloadError
 
@@ -58,7 +59,7 @@ def valid_args(image_path: Path, /, **changes: Any) -> dict[str, Any]:
     """A complete, valid set of predict() arguments (the Input defaults), with changes."""
     args = dict(
         image=CogPath(image_path), prompt="What is in this picture?", image_2=None, image_3=None,
-        image_4=None, system_prompt=None, temperature=0.1, top_p=0.9, top_k=0,
+        image_4=None, system_prompt=None, messages=None, temperature=0.1, top_p=0.9, top_k=0,
         repetition_penalty=1.1, max_length_tokens=2048, stop_sequences=None, seed=None,
     )  # fmt: skip
     args.update(changes)
@@ -97,13 +98,84 @@ def test_valid_inputs_come_back_checked(image_file: Path) -> None:
         ("max_length_tokens", 0), ("max_length_tokens", 4097), ("max_length_tokens", 10.5),
         ("seed", -1), ("seed", 2**32), ("seed", 1.5),
         ("prompt", ""), ("prompt", "   \n"), ("prompt", None), ("prompt", 42),
-        ("system_prompt", 3), ("stop_sequences", ["a"]),
-        ("image", None), ("image_2", 12),
+        ("system_prompt", 3), ("stop_sequences", ["a"]), ("messages", 3), ("messages", "{}"),
+        ("image_2", 12),
     ],
 )  # fmt: skip
 def test_invalid_input_is_refused_naming_it(image_file: Path, name: str, value: Any) -> None:
     with pytest.raises(ValueError, match=name):
         check_inputs(**valid_args(image_file, **{name: value}))
+
+
+def test_text_only_request_needs_no_image() -> None:
+    request = check_inputs(prompt="Write a short poem about the sea.")
+    assert (request.images, request.history) == ([], ())
+    assert request.prompt == "Write a short poem about the sea."
+
+
+def test_messages_become_the_earlier_turns(image_file: Path) -> None:
+    turns = [{"role": "user", "content": "<image>\r\nWhat colour?"},
+             {"role": "assistant", "content": "Red.\n"}]
+    request = check_inputs(**valid_args(image_file, prompt="And the shape?", messages=json.dumps(turns)))
+    assert request.history == ({"role": "user", "content": "<image>\nWhat colour?"},
+                               {"role": "assistant", "content": "Red.\n"})
+    assert request.prompt == "And the shape?"
+    for blank in ("", "  \n", "[]"):
+        assert check_inputs(**valid_args(image_file, messages=blank)).history == ()
+
+
+def turns_json(*contents: Any) -> str:
+    """Alternating user/assistant turns, as the messages input."""
+    roles = ("user", "assistant")
+    return json.dumps([{"role": roles[i % 2], "content": c} for i, c in enumerate(contents)])
+
+
+# Every malformed conversation, with the words of its message that say what to change.
+MALFORMED_CONVERSATIONS = [
+    ({"messages": "[{'role': 'user'}]"}, "messages is not valid JSON (Expecting property name"),
+    ({"messages": "Hello there"}, "messages is not valid JSON"),
+    ({"messages": '{"role": "user", "content": "Hi"}'}, "messages must be a JSON array of turns, got an object"),
+    ({"messages": '"Hi"'}, "got a string"),
+    ({"messages": "[1]"}, "messages[0] must be an object like {\"role\": \"user\", \"content\": \"...\"}, got a number"),
+    ({"messages": '[{"role": "user", "content": "Hi", "images": ["https://example.com/a.png"]}]'},
+     "Images inside messages are never fetched"),
+    ({"messages": '[{"role": "user"}]'}, "messages[0] lacks 'content'"),
+    ({"messages": '[{"role": "bot", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]'},
+     'messages[0].role must be "user" or "assistant", got "bot"'),
+    ({"messages": '[{"role": "system", "content": "Be brief"}]'}, "system_prompt input"),
+    ({"messages": '[{"role": "assistant", "content": "Hi"}]'},
+     "messages[0] is an assistant turn where a user turn belongs"),
+    ({"messages": turns_json("Hi", "Yes").replace('"assistant"', '"user"')},
+     "messages[1] is a user turn where an assistant turn belongs; the turns must alternate"),
+    ({"messages": turns_json("Hi")}, "messages ends with a user turn (messages[0]); end it with the assistant"),
+    ({"messages": turns_json("Hi", ["Yes"])}, "messages[1].content must be a string, got an array"),
+    ({"messages": turns_json("Hi", None)}, "messages[1].content must be a string, got null"),
+    ({"messages": turns_json("  ", "Yes")}, "messages[0].content is empty"),
+    ({"messages": turns_json("Hi", "<image> here")}, "messages[1] is an assistant turn with <image>"),
+    ({"messages": turns_json("Hi\u0007", "Yes")}, "messages[0].content contains the control character U+0007"),
+    ({"messages": turns_json("Hi\ud800", "Yes")}, "contains the control character U+D800"),
+    ({"messages": '[{"role": "user", "content": "Hi\x1b"}]'}, "messages contains the control character U+001B"),
+    ({"messages": "[" * 100_000}, "nested too deeply"),
+    ({"messages": turns_json("<image> and <image>", "Two.")},
+     "the conversation (messages and prompt) has 2 <image> tag(s) but 1 image(s) were given; put exactly one"),
+    ({"image": None, "prompt": "What is <image>?"}, "the prompt has 1 <image> tag(s) but 0 image(s)"),
+    ({"image_2": "second", "prompt": "Only <image> here."},
+     "the prompt has 1 <image> tag(s) but 2 image(s) were given; put exactly one <image> tag in the "
+     "user messages for each image (add 1 more tag(s) for the images left unused)"),
+    ({"messages": turns_json("<image> <image> <image>", "Three."), "prompt": "<image><image> more"},
+     "has 5 <image> tags but at most 4 images fit in one request; remove 1 or more tags"),
+]
+
+
+@pytest.mark.parametrize("changes, expected", MALFORMED_CONVERSATIONS,
+                         ids=[f"{i}" for i in range(len(MALFORMED_CONVERSATIONS))])
+def test_malformed_conversations_say_what_to_change(image_file: Path, changes: dict,
+                                                     expected: str) -> None:
+    if changes.get("image_2") == "second":
+        changes = {**changes, "image_2": CogPath(image_file)}
+    with pytest.raises(ValueError) as error:
+        check_inputs(**valid_args(image_file, **changes))
+    assert expected in str(error.value)
 
 
 def test_too_many_stop_sequences(image_file: Path) -> None:
@@ -140,7 +212,8 @@ def first_piece(coroutine: Any) -> Any:
 
 
 @pytest.mark.parametrize(
-    "changes", [{"top_p": 0.0}, {"max_length_tokens": 0}, {"prompt": " "}, {"image": None}]
+    "changes", [{"top_p": 0.0}, {"max_length_tokens": 0}, {"prompt": " "}, {"messages": "[{"},
+                {"image": None, "prompt": "<image> What is it?"}]
 )
 def test_predict_checks_before_touching_the_model(image_file: Path, changes: dict) -> None:
     """A Predictor without setup() has no engine: bad input must fail before it is needed."""
@@ -193,9 +266,23 @@ def test_schema_inputs_match_the_predict_signature() -> None:
         else:
             assert prop["default"] == declared.default
         assert prop.get("minimum") == declared.ge and prop.get("maximum") == declared.le
-    assert inputs["required"] == required == ["image", "prompt"]
+    assert inputs["required"] == required == ["prompt"]
     images = [name for name, prop in inputs["properties"].items() if prop.get("format") == "uri"]
     assert images == list(serving_inputs.IMAGE_INPUTS)
+
+
+def test_messages_is_a_text_field_whose_example_is_accepted() -> None:
+    """The web form shows `messages` as text; the example in its description is a valid value,
+    and the description says URLs in it are never fetched."""
+    prop = predictor_schema()["components"]["schemas"]["Input"]["properties"]["messages"]
+    assert prop["type"] == "string" and "format" not in prop and prop["nullable"] is True
+    example = re.search(r"Example: (\[.*?\])\. ", prop["description"])
+    assert example, prop["description"]
+    turns = parse_messages(example.group(1))
+    assert [turn["role"] for turn in turns] == ["user", "assistant"]
+    assert "never fetched" in prop["description"]
+    image = predictor_schema()["components"]["schemas"]["Input"]["properties"]["image"]
+    assert image["nullable"] is True and "text-only" in image["description"]
 
 
 def test_schema_declares_streamed_text_output() -> None:
@@ -680,7 +767,8 @@ def test_http_stream_sends_the_same_text_as_events(server, two_images) -> None:
 @pytest.mark.parametrize(
     "field, value",
     [("temperature", 2.5), ("top_p", 0), ("top_k", "many"), ("repetition_penalty", 0.5),
-     ("max_length_tokens", 4097), ("seed", -1), ("image_2", None), ("prompt", None)],
+     ("max_length_tokens", 4097), ("seed", -1), ("image_2", None), ("prompt", None),
+     ("messages", [{"role": "user", "content": "Hi"}])],
 )
 def test_http_refuses_bad_inputs_with_422(server, field: str, value: Any) -> None:
     inputs = {"image": data_uri(reference_dir() / "inputs" / "small_200x150.png"), "prompt": "Hi"}

@@ -82,6 +82,20 @@ def test_build_conversation_keeps_existing_tags():
         build_conversation("x", -1)
 
 
+def test_build_conversation_with_earlier_turns():
+    history = [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "A bar."}]
+    assert build_conversation("And this?", 1, history=history) == [
+        {"role": USER, "content": "<image>\nWhat?"},
+        {"role": ASSISTANT, "content": "A bar."},
+        {"role": USER, "content": "And this?"},
+        {"role": ASSISTANT, "content": ""},
+    ]
+    assert history[0]["content"] == "What?"  # the caller's turns are not changed
+    tagged = build_conversation("Compare with <image>", 2, history=[{**history[0], "content": "<image>?"},
+                                                                    history[1]])
+    assert [turn["content"] for turn in tagged] == ["<image>?", "A bar.", "Compare with <image>", ""]
+
+
 def test_settings_reject_unusable_config():
     with pytest.raises(ValueError, match="candidate_resolutions"):
         ProcessorSettings.from_dict({"candidate_resolutions": []})

@@ -18,7 +18,9 @@ from typing import Iterator
 
 import pytest
 import yaml
+from PIL import Image
 
+from deepseek_vl2.inputs.processor import DeepseekVL2Processor, build_conversation
 from scripts.make_test_checkpoint import make_checkpoint
 from cog_server import CogServer, cog_server
 
@@ -56,8 +58,12 @@ def block_with(marker: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    checkpoint = make_checkpoint(tmp_path_factory.mktemp("test-tiny"), variant="tiny")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("test-tiny"), variant="tiny")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path) -> Iterator[CogServer]:
     with cog_server(served_predictor(), weights=checkpoint, retry_busy=10) as running:
         yield running
 
@@ -71,8 +77,11 @@ def run_block(block: str, server: CogServer) -> str:
     return result.stdout
 
 
+ONE_ANSWER, TEXT_ONLY, FOLLOW_UP = "What does this chart show?", "haiku", "messages"
+
+
 def test_the_one_answer_example_succeeds(server: CogServer) -> None:
-    answer = json.loads(run_block(block_with("join"), server))
+    answer = json.loads(run_block(block_with(ONE_ANSWER), server))
     assert answer["status"] == "succeeded"
     assert isinstance(answer["answer"], str) and answer["answer"]
     assert answer["metrics"]["output_token_count"] == 64
@@ -85,6 +94,36 @@ def test_the_streaming_example_streams_events(server: CogServer) -> None:
     assert events.count("output") >= 2
 
 
+def test_the_text_only_example_succeeds_without_an_image(server: CogServer) -> None:
+    block = block_with(TEXT_ONLY)
+    assert "image" not in block
+    before = len(server.log())
+    answer = json.loads(run_block(block, server))
+    assert answer["status"] == "succeeded"
+    assert isinstance(answer["answer"], str) and answer["answer"]
+    log = server.log()[before:]
+    assert "prompt tokens" in log and "image 1:" not in log
+
+
+def test_the_follow_up_example_sends_the_earlier_turns(server: CogServer, checkpoint: Path) -> None:
+    """The model sees the earlier turns: the prompt length is that of the whole conversation."""
+    block = block_with(FOLLOW_UP)
+    history = json.loads(re.search(r"--arg messages '(.*?)'", block, re.S).group(1))
+    prompt = re.search(r'prompt: "(.*?)"', block).group(1)
+    image = re.search(r"base64 -w0 (\S+)\)", block).group(1)
+    with Image.open(REPO_ROOT / image) as opened:
+        images = [opened.convert("RGB")]
+    processor = DeepseekVL2Processor.from_pretrained(checkpoint)
+    expected = processor.process(build_conversation(prompt, 1, history=history), images, "",
+                                 system_prompt_in_tokens=True, user_text_specials="structural")
+    assert len(history) == 2 and expected.earlier_text_tokens > 0
+    before = len(server.log())
+    answer = json.loads(run_block(block, server))
+    assert answer["status"] == "succeeded"
+    assert isinstance(answer["answer"], str) and answer["answer"]
+    assert f"prompt tokens: {expected.input_ids.numel()}," in server.log()[before:]
+
+
 def test_the_bad_input_example_gets_the_answer_the_readme_shows(server: CogServer) -> None:
     block = block_with("temperature: 3")
     shown = re.search(r"^# (\{.*\})$", block, re.M)
@@ -94,5 +133,5 @@ def test_the_bad_input_example_gets_the_answer_the_readme_shows(server: CogServe
 
 def test_every_server_block_is_covered() -> None:
     """A new README block must be added here (or to the cancelling exception) to be tested."""
-    covered = ("join", "text/event-stream", "temperature: 3", "/cancel")
+    covered = (ONE_ANSWER, TEXT_ONLY, FOLLOW_UP, "text/event-stream", "temperature: 3", "/cancel")
     assert all(sum(marker in block for marker in covered) == 1 for block in server_blocks())

@@ -44,8 +44,8 @@ from deepseek_vl2.inputs.processor import (
     GROUNDING_TOKENS,
     DeepseekVL2Processor,
     build_conversation,
-    split_on_tokens,
 )
+from deepseek_vl2.inputs.tokenizer import split_on_tokens
 from deepseek_vl2.engine.sampling import SamplingParams
 from reference_data import case_params, checkpoint_dir, expected_processor_tensors, load_case_inputs
 from scripts.make_test_checkpoint import make_checkpoint
@@ -324,7 +324,8 @@ def test_text_that_does_not_fit_says_how_many_tokens(server, image_dir, baseline
     assert needed > CONTEXT
     message = failure(server.predict(valid_request(image_dir, prompt=prompt))[1])
     assert f"the prompt needs {needed} tokens" in message and f"holds {CONTEXT}" in message
-    assert "shorter prompt" in message
+    assert f"{needed - CONTEXT + 1} tokens too many" in message
+    assert "shorter prompt." in message  # no earlier turns: no advice about them
     assert_still_serving(server, image_dir, baseline)
 
 
@@ -400,6 +401,81 @@ def test_grounding_prompt_keeps_its_tags(server, image_dir, processor) -> None:
 def test_very_long_prompt_is_refused_before_tokenizing(server, image_dir, baseline) -> None:
     message = failure(server.predict(valid_request(image_dir, prompt="x" * 150_000))[1])
     assert f"prompt is 150000 characters long; at most {serving_inputs.MAX_TEXT_CHARS}" in message
+    assert_still_serving(server, image_dir, baseline)
+
+
+# ------------------------------------------------------------------- conversations, end to end
+
+
+def turns(*contents: str) -> str:
+    """Alternating user/assistant turns as the messages input."""
+    roles = ("user", "assistant")
+    return json.dumps([{"role": roles[i % 2], "content": c} for i, c in enumerate(contents)])
+
+
+# (changes to the valid request — None removes an input —, words of the message that must come)
+BAD_CONVERSATIONS = {
+    "not JSON": ({"messages": "user: Hi\nassistant: Hello"}, "messages is not valid JSON"),
+    "not an array": ({"messages": '{"role": "user", "content": "Hi"}'},
+                     "messages must be a JSON array of turns, got an object"),
+    "wrong role": ({"messages": '[{"role": "bot", "content": "Hi"}]'},
+                   'messages[0].role must be "user" or "assistant", got "bot"'),
+    "wrong order": ({"messages": turns("Hi", "Hello").replace('"user"', '"assistant"', 1)},
+                    "messages[0] is an assistant turn where a user turn belongs"),
+    "ends with a user turn": ({"messages": turns("Hi")},
+                              "messages ends with a user turn (messages[0]); end it with the assistant's reply"),
+    "content not a string": ({"messages": '[{"role": "user", "content": [{"type": "text"}]}]'},
+                             "messages[0].content must be a string, got an array"),
+    "image URL in a message": (
+        {"messages": '[{"role": "user", "content": "Hi", "image_url": "http://127.0.0.1:9/x.png"}]'},
+        "Images inside messages are never fetched or read"),
+    "more tags than images": ({"messages": turns("<image> and <image>?", "Two squares.")},
+                              "the conversation (messages and prompt) has 2 <image> tag(s) but 1 image(s)"),
+    "tag without any image": ({"image": None, "prompt": "What is in <image>?"},
+                              "the prompt has 1 <image> tag(s) but 0 image(s)"),
+    "images left unused": ({"image_2": "ok.png", "messages": turns("<image> What?", "Red.")},
+                           "2 image(s) were given; put exactly one <image> tag in the user messages "
+                           "for each image (add 1 more tag(s) for the images left unused)"),
+    "more than 4 images": ({"messages": turns("<image>" * 3, "Three."), "prompt": "<image><image>?"},
+                           "has 5 <image> tags but at most 4 images fit in one request"),
+    "control character": ({"messages": '[{"role": "user", "content": "Hi\x07"}]'},
+                          "messages contains the control character U+0007; remove it"),
+    "escaped control character": ({"messages": turns("Hi", "Hello").replace("Hello", "Hel\\u001blo")},
+                                  "messages[1].content contains the control character U+001B"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONVERSATIONS))
+def test_malformed_conversations_fail_saying_what_to_change(server, image_dir, baseline,
+                                                            case: str) -> None:
+    changes, expected = BAD_CONVERSATIONS[case]
+    request = valid_request(image_dir)
+    for name, value in changes.items():
+        if value is None:
+            del request[name]  # the server refuses a JSON null: leave the input out
+        else:
+            request[name] = data_uri(image_dir / value) if name.startswith("image") else value
+    body = server.predict(request)[1]
+    assert expected in failure(body)
+    assert "prompt tokens" not in body.get("logs", "")  # refused before the model
+    assert_still_serving(server, image_dir, baseline)
+
+
+def test_conversation_longer_than_the_context_says_by_how_many_tokens(server, image_dir, baseline,
+                                                                      processor) -> None:
+    history = [{"role": "user", "content": "<image> Describe it."},
+               {"role": "assistant", "content": "word " * 5000}]
+    conversation = build_conversation("And now?", 1, history=history)
+    inputs = processor.process(conversation, [Image.new("RGB", (32, 24))], "",
+                               system_prompt_in_tokens=True, user_text_specials="structural")
+    needed = inputs.input_ids.numel()
+    assert needed > CONTEXT
+    request = valid_request(image_dir, prompt="And now?", messages=json.dumps(history))
+    message = failure(server.predict(request)[1])
+    assert f"the prompt needs {needed} tokens" in message
+    assert f"{inputs.earlier_text_tokens} of them in earlier turns" in message
+    assert f"{needed - CONTEXT + 1} tokens too many" in message
+    assert "or fewer earlier turns" in message
     assert_still_serving(server, image_dir, baseline)
 
 
@@ -831,7 +907,7 @@ def test_validate_inputs_cleans_prompt_and_system_prompt(image_dir) -> None:
         check_inputs(**direct_args(image_dir / "ok.png", prompt="\x00\x1b"))
 
 
-@pytest.mark.parametrize("name", ["prompt", "system_prompt"])
+@pytest.mark.parametrize("name", ["prompt", "system_prompt", "messages"])
 def test_validate_inputs_refuses_huge_text(image_dir, name: str) -> None:
     with pytest.raises(ValueError, match=f"{name} is 100001 characters long"):
         check_inputs(**direct_args(image_dir / "ok.png", **{name: "a" * 100_001}))

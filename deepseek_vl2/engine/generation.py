@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -124,14 +124,15 @@ class Generator:
         return self.engine.warmup(rows, kv_lens, modes, max_seconds)
 
     # ----------------------------------------------------------------------------- inputs
-    def prepare(self, prompt: str, images: Sequence[Image.Image], system_prompt: str = "") -> ProcessedInputs:
-        """Process a single-turn prompt (``<image>`` tags optional) and its images.
+    def prepare(self, prompt: str, images: Sequence[Image.Image], system_prompt: str = "",
+                history: Sequence[Mapping[str, str]] = ()) -> ProcessedInputs:
+        """Process a prompt (``<image>`` tags optional) after the earlier turns ``history``, and the images.
 
         Role markers and bos/eos/pad strings in the prompt are plain text; ``<image>`` and the
         grounding tags are structure (README.md). Raises ContextLengthError, with the
         token counts, when the prompt leaves no room for an answer.
         """
-        conversation = build_conversation(prompt, len(images), self.processor.image_token)
+        conversation = build_conversation(prompt, len(images), self.processor.image_token, history)
         inputs = self.processor.process(conversation, list(images), system_prompt, system_prompt_in_tokens=True,
                                         user_text_specials="structural")
         self.budget(int(inputs.input_ids.numel()), 1, inputs=inputs)
@@ -151,9 +152,11 @@ class Generator:
             return min(max_new_tokens, room)
         where = "the model's context" if holds == self.context_length else "this server's cache for one request"
         parts = self.processor.token_parts(inputs) if inputs is not None else "text and image tiles"
+        turns = " or fewer earlier turns" if inputs is not None and inputs.earlier_text_tokens else ""
         raise ContextLengthError(
             f"the prompt needs {prompt_tokens} tokens ({parts}) but {where} holds {holds}, leaving no room for an "
-            f"answer. {self.processor.image_token_advice()} Use fewer or smaller images, or a shorter prompt."
+            f"answer: {prompt_tokens - holds + 1} tokens too many. {self.processor.image_token_advice()} "
+            f"Use fewer or smaller images, or a shorter prompt{turns}."
         )
 
     def _holds(self, limit: Optional[int]) -> int:

@@ -13,14 +13,25 @@ Two different texts come out of a conversation, exactly as in the official proce
 * :func:`format_user_turn` — the text that is tokenized for one user turn
   (``"<|User|>: " + text + "\\n\\n<|Assistant|>:"``); assistant replies are tokenized on their own
   (see ``processor.py``).
+
+:func:`build_conversation` makes the conversation of one request: the earlier turns, the new
+user prompt and the open assistant turn, with the images' tags placed. :func:`validated_turns`
+checks a conversation's structure; the tokenization plans (:func:`user_turn_plan`,
+:func:`caller_text_plan`) cut a turn into the text, special tokens and images the processor
+encodes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .tokenizer import split_on_tokens
 
 USER_ROLE = "<|User|>"
 ASSISTANT_ROLE = "<|Assistant|>"
+CHAT_ROLE_TOKENS = (USER_ROLE, ASSISTANT_ROLE)
+GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 USER_SEPARATOR = "\n\n"
 ASSISTANT_SEPARATOR = "<｜end▁of▁sentence｜>"  # the template's eos string (sep2)
 SYSTEM_SEPARATOR = USER_SEPARATOR
@@ -90,14 +101,103 @@ def user_turn_segments(text: str) -> list[tuple[str, bool]]:
 
 
 def build_conversation(
-    prompt: str, num_images: int, image_token: str = "<image>"
+    prompt: str,
+    num_images: int,
+    image_token: str = "<image>",
+    history: Sequence[Mapping[str, str]] = (),
 ) -> list[dict[str, str]]:
-    """A single-turn conversation for `prompt`, ready for `DeepseekVL2Processor.process`.
+    """The conversation for `prompt` after the earlier turns `history`, ready for
+    `DeepseekVL2Processor.process`.
 
-    Without any `<image>` tag in the prompt, `num_images` tags (each followed by a newline) are
-    put in front of it; with tags, the prompt is kept as is (process() checks the count).
+    `history` holds the earlier turns (``{"role": ..., "content": ...}``, starting with a user
+    turn, alternating, ending with an assistant reply); `prompt` is the new user turn and an
+    open assistant turn follows it. Without any `<image>` tag in the whole conversation,
+    `num_images` tags (each followed by a newline) are put in front of the first user text; with
+    tags, every turn is kept as is (process() checks the count).
     """
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
-    content = prompt if image_token in prompt else f"{image_token}\n" * num_images + prompt
-    return [{"role": USER_ROLE, "content": content}, {"role": ASSISTANT_ROLE, "content": ""}]
+    turns = [{"role": normalize_role(m["role"]), "content": m["content"]} for m in history]
+    turns.append({"role": USER_ROLE, "content": prompt})
+    if not any(image_token in turn["content"] for turn in turns):
+        first = next(turn for turn in turns if turn["role"] == USER_ROLE)
+        first["content"] = f"{image_token}\n" * num_images + first["content"]
+    return [*turns, {"role": ASSISTANT_ROLE, "content": ""}]
+
+
+def validated_turns(conversation: Sequence[Mapping[str, Any]], image_token: str) -> list[tuple[str, str]]:
+    """(role token, stripped text) per message, checking roles and structure."""
+    if isinstance(conversation, (str, bytes)) or not conversation:
+        raise ValueError(
+            "conversation must be a non-empty list of {'role': ..., 'content': ...} messages"
+        )
+    turns = []
+    for index, message in enumerate(conversation):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {index} must be a dict with 'role' and 'content' keys")
+        content = message["content"]
+        if not isinstance(content, str):
+            raise ValueError(f"message {index}: 'content' must be a string, got {type(content).__name__}")
+        role = normalize_role(message["role"])
+        if role == ASSISTANT_ROLE and image_token in content:
+            raise ValueError(
+                f"message {index}: assistant messages cannot contain {image_token}; "
+                "put image tags in user messages"
+            )
+        turns.append((role, content.strip()))
+    if turns[-1][0] != ASSISTANT_ROLE:
+        raise ValueError(
+            "the conversation must end with an assistant message; append "
+            f"{{'role': '{ASSISTANT_ROLE}', 'content': ''}} to ask the model for a reply"
+        )
+    return turns
+
+
+# ----------------------------------------------------------------- tokenization plans
+# One item of a plan: ("text", s) is encoded, ("special", token) is that token's id,
+# ("image", tag) is the next image's tokens.
+PlanItem = tuple[str, str]
+
+
+def user_turn_plan(text: str, image_token: str, structural: bool) -> list[PlanItem]:
+    """One user turn (template included) as text / special / image items, in order.
+
+    Not structural: the template text cut at `<image>` only; the tokenizer maps every other
+    special-token string itself (the official behaviour). Structural: the template's role
+    tokens and the user's `<image>` and grounding tags are items of their own, and the text
+    between them (user text and template text together, as the tokenizer would see it) is
+    encoded with special-token matching off.
+    """
+    if not structural:
+        plan: list[PlanItem] = []
+        for index, piece in enumerate(format_user_turn(text).split(image_token)):
+            if index:
+                plan.append(("image", image_token))
+            plan.append(("text", piece))
+        return plan
+    pieces = []
+    for segment, from_user in user_turn_segments(text):
+        markers = (image_token, *GROUNDING_TOKENS) if from_user else CHAT_ROLE_TOKENS
+        pieces.extend(split_on_tokens(segment, markers))
+    return _merge_text(pieces, image_token)
+
+
+def caller_text_plan(text: str, image_token: str, structural: bool) -> list[PlanItem]:
+    """An assistant reply or system prompt: one text item, or (structural) text items between
+    grounding tags."""
+    if not structural:
+        return [("text", text)]
+    return _merge_text(split_on_tokens(text, GROUNDING_TOKENS), image_token)
+
+
+def _merge_text(pieces: list[tuple[str, bool]], image_token: str) -> list[PlanItem]:
+    """Join neighbouring text pieces (the tokenizer only splits text at special tokens)."""
+    plan: list[PlanItem] = []
+    for piece, is_token in pieces:
+        if is_token:
+            plan.append(("image" if piece == image_token else "special", piece))
+        elif plan and plan[-1][0] == "text":
+            plan[-1] = ("text", plan[-1][1] + piece)
+        else:
+            plan.append(("text", piece))
+    return plan

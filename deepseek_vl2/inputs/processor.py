@@ -30,29 +30,26 @@ from PIL import Image
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from .chat_template import (  # build_conversation: re-exported for callers of the processor
+from .chat_template import (  # build_conversation, GROUNDING_TOKENS: re-exported for callers
     build_conversation,
     ASSISTANT_ROLE,
+    CHAT_ROLE_TOKENS,
+    GROUNDING_TOKENS,
     SYSTEM_SEPARATOR,
     USER_ROLE,
+    PlanItem,
+    caller_text_plan,
     format_conversation,
-    format_user_turn,
-    normalize_role,
-    user_turn_segments,
+    user_turn_plan,
+    validated_turns,
 )
 from .settings import PROCESSOR_CONFIG_FILE, SUPPORTED_SFT_FORMATS, ProcessorSettings
 from .tiling import letterbox, num_image_tokens_for_crop, select_best_resolution
-from .tokenizer import add_extra_special_token, load_tokenizer, split_on_tokens
+from .tokenizer import add_extra_special_token, load_tokenizer
 
-GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
-CHAT_ROLE_TOKENS = (USER_ROLE, ASSISTANT_ROLE)
 USER_TEXT_SPECIALS = ("all", "structural")
 """How special-token strings in caller text are tokenized: every one as its id ("all", the
 official behaviour) or only `<image>` and the grounding tags ("structural")."""
-
-# One item of a tokenization plan: ("text", s) is encoded, ("special", token) is that token's id,
-# ("image", tag) is the next image's tokens.
-PlanItem = tuple[str, str]
 
 
 @dataclass
@@ -65,6 +62,7 @@ class ProcessedInputs:
     images_seq_mask: torch.Tensor  # [T] bool, true at image-token positions
     images_spatial_crop: torch.Tensor  # [n_images, 2] int64 (tiles across, tiles down); [[0, 0]] without image
     num_image_tokens: list[int]  # per image
+    earlier_text_tokens: int = 0  # text tokens of the turns before the last user turn
 
 
 class DeepseekVL2Processor:
@@ -244,7 +242,7 @@ class DeepseekVL2Processor:
             )
         structural = user_text_specials == "structural"
         images = list(images or [])
-        turns = self._validated_turns(conversation)
+        turns = validated_turns(conversation, self.image_token)
         self._check_image_count(turns, images)
         cropping_images = len(images)
 
@@ -285,15 +283,20 @@ class DeepseekVL2Processor:
                     f"the system prompt contains {self.image_token}; images can only be "
                     "referenced from user messages"
                 )
-            add(self._caller_text_plan(system_prompt.strip() + SYSTEM_SEPARATOR, structural))
+            add(caller_text_plan(system_prompt.strip() + SYSTEM_SEPARATOR, self.image_token, structural))
 
-        for role, text in turns:
+        last_user = max((i for i, (role, _) in enumerate(turns) if role == USER_ROLE), default=0)
+        turns_start = len(ids)  # after bos and the system prompt
+        earlier_text_tokens = 0
+        for index, (role, text) in enumerate(turns):
+            if index == last_user:
+                earlier_text_tokens = len(ids) - turns_start - sum(token_counts)
             if role == ASSISTANT_ROLE:
-                add(self._caller_text_plan(text, structural))
+                add(caller_text_plan(text, self.image_token, structural))
                 ids.append(self.eos_id)
                 mask.append(False)
             else:
-                add(self._user_turn_plan(text, structural))
+                add(user_turn_plan(text, self.image_token, structural))
 
         # inference mode: drop the eos that closes the final assistant turn
         ids, mask = ids[:-1], mask[:-1]
@@ -314,53 +317,11 @@ class DeepseekVL2Processor:
             images_seq_mask=torch.tensor(mask, dtype=torch.bool),
             images_spatial_crop=spatial_crop,
             num_image_tokens=token_counts,
+            earlier_text_tokens=earlier_text_tokens,
         )
-
-    # ----------------------------------------------------------------- tokenization plans
 
     def _special_id(self, token: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(token)
-
-    def _user_turn_plan(self, text: str, structural: bool) -> list[PlanItem]:
-        """One user turn (template included) as text / special / image items, in order.
-
-        Not structural: the template text cut at `<image>` only; the tokenizer maps every other
-        special-token string itself (the official behaviour). Structural: the template's role
-        tokens and the user's `<image>` and grounding tags are items of their own, and the text
-        between them (user text and template text together, as the tokenizer would see it)
-        is encoded with special-token matching off.
-        """
-        if not structural:
-            plan: list[PlanItem] = []
-            for index, piece in enumerate(format_user_turn(text).split(self.image_token)):
-                if index:
-                    plan.append(("image", self.image_token))
-                plan.append(("text", piece))
-            return plan
-        pieces = []
-        for segment, from_user in user_turn_segments(text):
-            markers = (self.image_token, *GROUNDING_TOKENS) if from_user else CHAT_ROLE_TOKENS
-            pieces.extend(split_on_tokens(segment, markers))
-        return self._merge_text(pieces)
-
-    def _caller_text_plan(self, text: str, structural: bool) -> list[PlanItem]:
-        """An assistant reply or system prompt: one text item, or (structural) text items
-        between grounding tags."""
-        if not structural:
-            return [("text", text)]
-        return self._merge_text(split_on_tokens(text, GROUNDING_TOKENS))
-
-    def _merge_text(self, pieces: list[tuple[str, bool]]) -> list[PlanItem]:
-        """Join neighbouring text pieces (the tokenizer only splits text at special tokens)."""
-        plan: list[PlanItem] = []
-        for piece, is_token in pieces:
-            if is_token:
-                plan.append(("image" if piece == self.image_token else "special", piece))
-            elif plan and plan[-1][0] == "text":
-                plan[-1] = ("text", plan[-1][1] + piece)
-            else:
-                plan.append(("text", piece))
-        return plan
 
     # ----------------------------------------------------------------- context length
 
@@ -378,6 +339,7 @@ class DeepseekVL2Processor:
 
     def token_parts(self, inputs: ProcessedInputs) -> str:
         """How a prompt's tokens split, e.g. "2 images: 421 + 1023 tokens; text: 17 tokens"
+        (", 12 of them in earlier turns" when the conversation has earlier turns)
         (for the engine's one context-length message, ``Generator.budget``)."""
         image_tokens = list(inputs.num_image_tokens)
         parts = []
@@ -387,7 +349,10 @@ class DeepseekVL2Processor:
                 f"{count} image{'s' if count > 1 else ''}: "
                 f"{' + '.join(str(n) for n in image_tokens)} tokens"
             )
-        parts.append(f"text: {int(inputs.input_ids.numel()) - sum(image_tokens)} tokens")
+        text = f"text: {int(inputs.input_ids.numel()) - sum(image_tokens)} tokens"
+        if inputs.earlier_text_tokens:
+            text += f", {inputs.earlier_text_tokens} of them in earlier turns"
+        parts.append(text)
         return "; ".join(parts)
 
     def image_token_advice(self) -> str:
@@ -399,33 +364,6 @@ class DeepseekVL2Processor:
             f"size and shape ({one_tile} when it is at most {size}x{size} pixels); with 3 or more "
             f"images each takes {one_tile}."
         )
-
-    def _validated_turns(self, conversation: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-        """(role token, stripped text) per message, checking roles and structure."""
-        if isinstance(conversation, (str, bytes)) or not conversation:
-            raise ValueError(
-                "conversation must be a non-empty list of {'role': ..., 'content': ...} messages"
-            )
-        turns = []
-        for index, message in enumerate(conversation):
-            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-                raise ValueError(f"message {index} must be a dict with 'role' and 'content' keys")
-            content = message["content"]
-            if not isinstance(content, str):
-                raise ValueError(f"message {index}: 'content' must be a string, got {type(content).__name__}")
-            role = normalize_role(message["role"])
-            if role == ASSISTANT_ROLE and self.image_token in content:
-                raise ValueError(
-                    f"message {index}: assistant messages cannot contain {self.image_token}; "
-                    "put image tags in user messages"
-                )
-            turns.append((role, content.strip()))
-        if turns[-1][0] != ASSISTANT_ROLE:
-            raise ValueError(
-                "the conversation must end with an assistant message; append "
-                f"{{'role': '{ASSISTANT_ROLE}', 'content': ''}} to ask the model for a reply"
-            )
-        return turns
 
     def _check_image_count(self, turns: list[tuple[str, str]], images: list[Image.Image]) -> None:
         tags = sum(text.count(self.image_token) for _, text in turns)

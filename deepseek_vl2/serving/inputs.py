@@ -17,9 +17,10 @@ import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 from deepseek_vl2.engine.sampling import InvalidSamplingParams, SamplingParams
+from deepseek_vl2.serving.conversation import check_image_tags, parse_messages
 
 IMAGE_INPUTS = ("image", "image_2", "image_3", "image_4")  # order of the images in the prompt
 MAX_STOP_SEQUENCES = 16
@@ -55,10 +56,11 @@ class Declarations:
 class PredictRequest:
     """Checked arguments, ready for the engine."""
 
-    prompt: str  # as given: <image> tags mark where the images go
-    images: list[tuple[str, Path]]  # (input name, file) in prompt order
+    prompt: str  # the new user turn, as given: <image> tags mark where the images go
+    images: list[tuple[str, Path]]  # (input name, file) in conversation order
     system_prompt: str
     params: SamplingParams  # validated; seed None = drawn by the engine
+    history: tuple[dict[str, str], ...] = ()  # earlier turns (the messages input)
 
 
 def declared_inputs(method: Callable[..., Any], field_type: type,
@@ -87,7 +89,8 @@ def clean_text(text: str) -> str:
     return _LONE_SURROGATES.sub("\ufffd", text)
 
 
-def _check_text(name: str, value: Any, optional: bool) -> str:
+def _check_length(name: str, value: Any, optional: bool) -> str:
+    """A text input as given (None -> "" when optional), refused when not a string or too long."""
     if value is None and optional:
         return ""
     if not isinstance(value, str):
@@ -97,7 +100,11 @@ def _check_text(name: str, value: Any, optional: bool) -> str:
             f"{name} is {len(value)} characters long; at most {MAX_TEXT_CHARS} are accepted "
             "(the model's context holds 4096 tokens in all)"
         )
-    return clean_text(value)
+    return value
+
+
+def _check_text(name: str, value: Any, optional: bool) -> str:
+    return clean_text(_check_length(name, value, optional))
 
 
 def parse_stop_sequences(text: str) -> tuple[str, ...]:
@@ -151,15 +158,16 @@ def validate_inputs(arguments: Mapping[str, Any], declarations: Declarations) ->
         for name, value in arguments.items()
     }
     value = {**declarations.defaults, **given}.get
-    if value("image") is None:
-        raise ValueError("image is required")
     images = [(name, check_file(name, value(name), declarations.uploaded))
               for name in IMAGE_INPUTS if value(name) is not None]
     prompt = _check_text("prompt", value("prompt"), optional=False)
     if not prompt.strip():
         raise ValueError("prompt must not be empty: ask something about the image")
+    history = parse_messages(_check_length("messages", value("messages"), optional=True))
+    check_image_tags(history, prompt, len(images), max_images=len(IMAGE_INPUTS))
     stop = parse_stop_sequences(_check_text("stop_sequences", value("stop_sequences"), optional=True))
     system_prompt = _check_text("system_prompt", value("system_prompt"), optional=True).strip()
     params = sampling_params({name: value(name) for name in _NUMBER_INPUTS}, stop, declarations.limits)
-    return PredictRequest(prompt=prompt, images=images, system_prompt=system_prompt, params=params)
+    return PredictRequest(prompt=prompt, images=images, system_prompt=system_prompt, params=params,
+                          history=tuple(history))
 

@@ -167,7 +167,7 @@ class Service:
     def _prepare(self, request: PredictRequest, record: Record) -> tuple[list[Image.Image], Any]:
         """Decode the images, build the model inputs and log what the model will see."""
         images = [load_image(path, name=name) for name, path in request.images]
-        prepared = self.engine.prepare(request.prompt, images, request.system_prompt)
+        prepared = self.engine.prepare(request.prompt, images, request.system_prompt, request.history)
         record("input_token_count", int(prepared.input_ids.numel()))
         crops = prepared.images_spatial_crop.tolist()  # [n_images, 2]: (tiles across, down)
         print(f"variant: {self.engine.variant}", flush=True)
