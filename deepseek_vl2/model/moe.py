@@ -71,24 +71,60 @@ class Gate(nn.Module):
         expert_mask = group_mask.unsqueeze(-1).expand(n, self.n_group, self.n_experts // self.n_group)
         return choice.masked_fill(expert_mask.reshape(n, -1) == 0, 0.0)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.scores(x)
-        n = scores.shape[0]
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Expert ids [N, k] chosen from scores [N, E] by the configured top-k method."""
         if self.method == "greedy":
-            weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
-        else:
-            if self.method == "noaux_tc":
-                choice = scores + self.e_score_correction_bias.to(torch.float32).unsqueeze(0)
-                group_score = choice.view(n, self.n_group, -1).topk(2, dim=-1).values.sum(-1)
-            else:  # group_limited_greedy
-                choice = scores
-                group_score = choice.view(n, self.n_group, -1).max(dim=-1).values
-            choice = self._keep_groups(choice, group_score)
-            ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
-            weights = scores.gather(1, ids)
+            return scores.topk(self.top_k, dim=-1, sorted=False).indices
+        n = scores.shape[0]
+        if self.method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias.to(torch.float32).unsqueeze(0)
+            group_score = choice.view(n, self.n_group, -1).topk(2, dim=-1).values.sum(-1)
+        else:  # group_limited_greedy
+            choice = scores
+            group_score = choice.view(n, self.n_group, -1).max(dim=-1).values
+        choice = self._keep_groups(choice, group_score)
+        return choice.topk(self.top_k, dim=-1, sorted=False).indices
+
+    def forward(
+        self, x: torch.Tensor, forced_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [N, k] float32, ids [N, k]) for tokens x [N, D]; ``forced_ids`` replaces the
+        choice, the weights still being this gate's scores at those ids, normalised and scaled."""
+        scores = self.scores(x)
+        ids = self.choose(scores) if forced_ids is None else forced_ids.to(scores.device)
+        weights = scores.gather(1, ids)
         if self.top_k > 1 and self.normalise:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, ids
+
+
+class Routing:
+    """Expert choices of one forward pass.
+
+    ``Routing()`` records: after the forward, ``.chosen[i]`` is the ids [N, k] the i-th MoE layer
+    called chose. ``Routing(forced=recorded.chosen)`` replays: MoE layer i uses ``forced[i]`` as its
+    ids (weights still come from its own gate's scores at those ids, normalised and scaled as
+    usual), and records them too. Pass one instance per forward pass; it is not for compiled code.
+    """
+
+    def __init__(self, forced: Optional[list[torch.Tensor]] = None) -> None:
+        self.forced = forced
+        self.chosen: list[torch.Tensor] = []
+
+    def choose(self, gate: Gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the next MoE layer's gate on x [N, D], forcing its ids when replaying; records them."""
+        layer = len(self.chosen)
+        forced = None
+        if self.forced is not None:
+            if layer >= len(self.forced):
+                raise ValueError(f"the forced routing has {len(self.forced)} MoE layers; layer {layer} was called")
+            forced = self.forced[layer]
+            expected = (x.shape[0], gate.top_k)
+            if tuple(forced.shape) != expected:
+                raise ValueError(f"forced ids of MoE layer {layer} are {tuple(forced.shape)}, expected {expected}")
+        weights, ids = gate(x, forced)
+        self.chosen.append(ids.detach())
+        return weights, ids
 
 
 class StackedExperts(nn.Module):
@@ -178,10 +214,11 @@ class MoE(nn.Module):
         if config.n_shared_experts:
             self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: Optional[Routing] = None) -> torch.Tensor:
+        """x [..., D] → same shape. ``routing`` records (or replays) this layer's expert choice."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, ids = self.gate(flat)
+        weights, ids = self.gate(flat) if routing is None else routing.choose(self.gate, flat)
         if x.dim() == 3 and x.shape[1] > 1:  # prefill: many tokens, group them by expert
             expert_out = self.experts.run_grouped(flat, ids)
         elif ids.numel() <= self.experts.gate_up.shape[0]:  # decode, few tokens: only their experts

@@ -9,6 +9,7 @@ from torch import nn
 from .config import DeepseekVL2Config
 from .kv_cache import KVCache, Slots
 from .language import LanguageModel
+from .moe import Routing
 from .projector import Projector
 from .vision import build_vision_tower, encode_tiles
 
@@ -114,9 +115,14 @@ class DeepseekVL2(nn.Module):
         slots: Optional[Slots] = None,
         kv_len: Optional[int] = None,
         last_only: bool = False,
+        routing: Optional[Routing] = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] (float32) for embeds [B, T, D] at positions [B, T]; [B, 1, V] if last_only."""
-        hidden = self.language.hidden_states(embeds, positions, cache, slots, kv_len)
+        """Logits [B, T, V] (float32) for embeds [B, T, D] at positions [B, T]; [B, 1, V] if last_only.
+
+        ``routing`` (a :class:`~deepseek_vl2.model.moe.Routing`) records or replays the expert
+        choice of every MoE layer; None changes nothing.
+        """
+        hidden = self.language.hidden_states(embeds, positions, cache, slots, kv_len, routing)
         if last_only:
             hidden = hidden[:, -1:]
         return self.language.logits(hidden)
