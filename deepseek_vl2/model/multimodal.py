@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .config import DeepseekVL2Config
@@ -17,11 +18,12 @@ from .vision import build_vision_tower, encode_tiles
 class DeepseekVL2(nn.Module):
     """The whole model. Parameter names equal the official checkpoint keys (experts stacked)."""
 
-    def __init__(self, config: DeepseekVL2Config) -> None:
+    def __init__(self, config: DeepseekVL2Config, vision: Optional[VisionTransformer] = None) -> None:
+        """``vision``: an already built tower (the loader builds it outside its meta context)."""
         super().__init__()
         self.config = config
         width = config.language.hidden_size
-        self.vision = build_vision_tower(config.vision)
+        self.vision = vision if vision is not None else build_vision_tower(config.vision)
         self.projector = Projector(config.projector)
         self.image_newline = nn.Parameter(torch.empty(width))
         self.view_seperator = nn.Parameter(torch.empty(width))  # (sic) official key name
