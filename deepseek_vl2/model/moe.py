@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
+from .quantization import project
 
 
 class MLP(nn.Module):
@@ -128,18 +129,26 @@ def reads_ids_on_host(x: torch.Tensor) -> bool:
 
 
 class StackedExperts(nn.Module):
-    """All routed experts' SwiGLU weights in two stacked tensors: gate_up [E, 2I, D], down [E, D, I]."""
+    """All routed experts' SwiGLU weights in two stacked tensors: gate_up [E, 2I, D], down [E, D, I].
+
+    With 8-bit weights (model/quantization.py) ``gate_up_scale`` [E, 2I] and ``down_scale`` [E, D]
+    hold each output channel's float32 scale; without, they are None.
+    """
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.intermediate = intermediate
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
         self.down = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+        self.register_parameter("gate_up_scale", None)
+        self.register_parameter("down_scale", None)
 
     def _swiglu(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert ``expert`` on tokens x [n, D] → [n, D], its weights read in place."""
-        gate, up = F.linear(x, self.gate_up[expert]).split(self.intermediate, dim=-1)  # [n, I] each
-        return F.linear(F.silu(gate) * up, self.down[expert])
+        gate_up_scale = None if self.gate_up_scale is None else self.gate_up_scale[expert]
+        down_scale = None if self.down_scale is None else self.down_scale[expert]
+        gate, up = project(x, self.gate_up[expert], gate_up_scale).split(self.intermediate, dim=-1)  # [n, I]
+        return project(F.silu(gate) * up, self.down[expert], down_scale)
 
     def grouped(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Prefill: x [N, D], ids [N, k] → [N, k, D], tokens grouped by expert (one host sync)."""
@@ -171,16 +180,22 @@ class StackedExperts(nn.Module):
 
         Under ``torch.compile`` Inductor turns each projection into one reduction kernel that loads
         ``gate_up[ids[r], i, :]`` / ``down[ids[r], o, :]`` straight from the stacked tensor: the
-        chosen weights are read once, never copied, and the ids never leave the device. (Run
+        chosen weights are read once, never copied, and the ids never leave the device; 8-bit
+        weights are widened inside that reduction and scaled per output channel after it. (Run
         eagerly, the gather materialises the chosen weights in float32.)
         """
         n, k = ids.shape
         flat_ids = ids.reshape(-1)  # [N·k]
         inputs = x.repeat_interleave(k, dim=0).float().unsqueeze(1)  # [N·k, 1, D]
-        gate_up = (self.gate_up[flat_ids].float() * inputs).sum(-1).to(x.dtype)  # [N·k, 2I]
-        gate, up = gate_up.split(self.intermediate, dim=-1)
+        gate_up = (self.gate_up[flat_ids].float() * inputs).sum(-1)  # [N·k, 2I] float32
+        if self.gate_up_scale is not None:
+            gate_up = gate_up * self.gate_up_scale[flat_ids]
+        gate, up = gate_up.to(x.dtype).split(self.intermediate, dim=-1)
         hidden = (F.silu(gate) * up).float().unsqueeze(1)  # [N·k, 1, I]
-        return (self.down[flat_ids].float() * hidden).sum(-1).to(x.dtype).view(n, k, -1)  # [N, k, D]
+        out = (self.down[flat_ids].float() * hidden).sum(-1)  # [N·k, D] float32
+        if self.down_scale is not None:
+            out = out * self.down_scale[flat_ids]
+        return out.to(x.dtype).view(n, k, -1)  # [N, k, D]
 
 
 class MoE(nn.Module):
