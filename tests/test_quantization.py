@@ -44,16 +44,20 @@ def test_quantize_rows_error_is_half_a_step_of_each_row(fmt: str) -> None:
         assert (error[~normal] <= (scale.unsqueeze(-1) * 2**-10 * (1 + 1e-6)).expand_as(w)[~normal]).all()
 
 
-def _quantized_stack(fmt: str, seed: int = 0) -> tuple[StackedExperts, StackedExperts]:
-    """(an 8-bit stack, a float32 stack holding exactly its dequantized weights)."""
+def _quantized_moe(fmt: str, seed: int, std: float, **sizes: int) -> MoE:
+    """A greedy-routed MoE layer with N(0, std) weights, its experts then quantized to ``fmt``."""
     torch.manual_seed(seed)
-    moe = MoE(LanguageConfig(hidden_size=64, moe_intermediate_size=48, n_routed_experts=16, num_experts_per_tok=4,
-                             n_shared_experts=1, topk_method="greedy"))
+    moe = MoE(LanguageConfig(topk_method="greedy", **sizes))
     with torch.no_grad():
         for p in moe.parameters():
-            p.normal_(0, 0.1)
-    quantize_experts(moe, fmt)
-    stack = moe.experts
+            p.normal_(0, std)
+    return quantize_experts(moe, fmt)
+
+
+def _quantized_stack(fmt: str, seed: int = 0) -> tuple[StackedExperts, StackedExperts]:
+    """(an 8-bit stack, a float32 stack holding exactly its dequantized weights)."""
+    stack = _quantized_moe(fmt, seed, 0.1, hidden_size=64, moe_intermediate_size=48, n_routed_experts=16,
+                           num_experts_per_tok=4, n_shared_experts=1).experts
     plain = StackedExperts(16, 64, 48)
     with torch.no_grad():
         plain.gate_up.copy_(stack.gate_up.float() * stack.gate_up_scale.unsqueeze(-1))
@@ -95,13 +99,8 @@ def test_compiled_8bit_decode_dequantizes_inside_the_reduction(fmt: str, tokens:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_8bit_moe_layer_eager_equals_compiled(fmt: str) -> None:
-    torch.manual_seed(2)
-    moe = MoE(LanguageConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
-                             n_shared_experts=2, topk_method="greedy"))
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0, 0.2)
-    quantize_experts(moe, fmt)
+    moe = _quantized_moe(fmt, 2, 0.2, hidden_size=32, moe_intermediate_size=16, n_routed_experts=8,
+                         num_experts_per_tok=2, n_shared_experts=2)
     assert isinstance(moe.shared_experts.gate_proj, QuantizedLinear)
     x = torch.randn(3, 1, 32)
     with torch.inference_mode():
