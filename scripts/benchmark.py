@@ -19,6 +19,7 @@ of the request (embedding, vision tower, prefill) to the first token id on the h
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -42,6 +43,7 @@ from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs  # noqa: E402
 from deepseek_vl2.model.checkpoint import load_model, weight_files  # noqa: E402
 from deepseek_vl2.model.multimodal import DeepseekVL2  # noqa: E402
+from deepseek_vl2.model.quantization import quantize_experts  # noqa: E402
 from scripts.bench_figures import (  # noqa: E402
     Report, activated_parameters, kv_cache_bytes_per_position, peak_bandwidth_gbs, peak_memory_bytes,
     read_files_seconds, reset_peak_memory, synthetic_image,
@@ -50,6 +52,7 @@ from scripts.random_model import build_random_model  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("eager", "compiled")
+QUANTIZE = ("none", "int8", "fp8")
 DEFAULT_PROMPT = "Describe this image in detail."
 ROW_KEYS = ("decode", "ttft", "e2e_1428", "e2e_demo", "concurrency", "setup", "memory")
 FILLER = " describe"
@@ -110,8 +113,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help=f"which target rows (default all: {','.join(ROW_KEYS)})")
     parser.add_argument("--row-new-tokens-scale", type=float, default=1.0,
                         help="scale the target rows' new-token counts (smoke runs)")
+    parser.add_argument("--quantize", type=lambda t: parse_list(t, QUANTIZE), default=["none"],
+                        help="expert weight formats, comma-separated (several: 'none' first, alternated)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
+    if len(args.quantize) > 1 and args.quantize[0] != "none":
+        parser.error("--quantize with several formats must start with none (the others are quantized from it)")
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (one prefill token + decode steps)")
     if args.repeats < 1:
@@ -129,12 +136,14 @@ def load(args: argparse.Namespace) -> tuple[DeepseekVL2, DeepseekVL2Processor, d
         start = time.perf_counter()
         model, processor = build_random_model(args.variant, args.device, dtype, size=args.size, layers=args.layers,
                                               vision_layers=args.vision_layers, seed=args.seed)
+        if args.quantize[0] != "none":
+            quantize_experts(model, args.quantize[0])
         synchronize(args.device)
         return model, processor, {"random_build_seconds": time.perf_counter() - start}
     files = weight_files(args.checkpoint)
     before, size = read_files_seconds(files)
     start = time.perf_counter()
-    model = load_model(args.checkpoint, device=args.device, dtype=dtype, files=files)
+    model = load_model(args.checkpoint, device=args.device, dtype=dtype, files=files, quantize=args.quantize[0])
     processor = DeepseekVL2Processor.from_pretrained(args.checkpoint)
     synchronize(args.device)
     load_seconds = time.perf_counter() - start
@@ -152,9 +161,12 @@ def synchronize(device: torch.device) -> None:
 
 def make_generators(model: DeepseekVL2, processor: DeepseekVL2Processor, args: argparse.Namespace,
                     max_batch: int) -> dict[str, Generator]:
-    """One Generator per mode over the same model, each with its own persistent decode state."""
-    return {mode: Generator(model, processor, args.prefill_chunk, compile=mode == "compiled",
-                            max_batch=max_batch, max_len=args.max_len) for mode in args.modes}
+    """One Generator per mode over the same model, each with its own persistent decode state; with
+    several --quantize formats, also one per mode over an 8-bit copy (named "MODE+FORMAT")."""
+    models = {"": model, **{f"+{fmt}": quantize_experts(copy.deepcopy(model), fmt) for fmt in args.quantize[1:]}}
+    return {mode + suffix: Generator(each, processor, args.prefill_chunk, compile=mode == "compiled",
+                                     max_batch=max_batch, max_len=args.max_len)
+            for suffix, each in models.items() for mode in args.modes}
 
 
 def prepared(generator: Generator, prompt: str, image: Optional[Image.Image],
@@ -208,7 +220,7 @@ def warm_compiled(generators: dict[str, Generator], prompt_tokens: int, new_toke
     ``rows`` and every KV bucket a request of ``prompt_tokens`` + ``new_tokens`` passes; seconds per mode."""
     seconds = {}
     for mode, generator in generators.items():
-        if mode == "compiled":
+        if mode.startswith("compiled"):
             bucket = generator.kv_bucket
             first = (prompt_tokens // bucket + 1) * bucket
             last = min(-(-(prompt_tokens + new_tokens) // bucket) * bucket, generator.engine.max_len)
@@ -226,6 +238,10 @@ def bandwidth(model: DeepseekVL2, decode_tokens_per_second: float, context: floa
     of the memory-bandwidth bound they reach at ``decode_tokens_per_second`` (GPU only)."""
     config, element = model.config.language, model.dtype.itemsize
     step_bytes = activated_parameters(config) * element + kv_cache_bytes_per_position(config, element) * context
+    if any(p.element_size() == 1 for p in model.parameters()):  # 8-bit experts: 1 byte per weight
+        moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+        experts = config.num_experts_per_tok + (config.n_shared_experts or 0)
+        step_bytes -= moe_layers * experts * 3 * config.hidden_size * config.moe_intermediate_size * (element - 1)
     achieved = step_bytes * decode_tokens_per_second / 1e9
     return {"bytes_per_token": step_bytes, "achieved_gbs": achieved,
             "bandwidth_fraction": achieved / peak_gbs if peak_gbs else None}
@@ -383,10 +399,15 @@ def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
                    [round(r["ttft_seconds"] * 1e3, 1) for r in mode_runs], "ms")
         report.add(f"{mode}_decode_tokens_per_second", f"{mode}: decode speed (each run)",
                    [round(r["decode_tokens_per_second"], 2) for r in mode_runs], "tokens/s")
-        figures = bandwidth(model, median_of(mode_runs, "decode_tokens_per_second"), context, peak)
+        figures = bandwidth(generators[mode].model, median_of(mode_runs, "decode_tokens_per_second"), context, peak)
         report.add(f"{mode}_bytes_per_token", f"{mode}: bytes read per decoded token", figures["bytes_per_token"], "MB", 1e-6)
         report.add(f"{mode}_bandwidth_fraction", f"{mode}: fraction of the bandwidth bound",
                    figures["bandwidth_fraction"], "" if peak else "(GPU only)")
+    for fmt in args.quantize[1:]:
+        for mode in args.modes:
+            report.add(f"{mode}_{fmt}_over_{args.quantize[0]}_decode", f"{mode}: {fmt} ÷ {args.quantize[0]} decode (medians)",
+                       median_of(runs[f"{mode}+{fmt}"], "decode_tokens_per_second")
+                       / median_of(runs[mode], "decode_tokens_per_second"), "x")
     if set(MODES) <= set(runs):
         report.add("compiled_over_eager_decode", "compiled ÷ eager decode (medians)",
                    median_of(runs["compiled"], "decode_tokens_per_second") / median_of(runs["eager"], "decode_tokens_per_second"), "x")

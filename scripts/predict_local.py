@@ -2,17 +2,20 @@
 
     .venv/bin/python scripts/predict_local.py --weights weights --image demo.png --prompt "Describe each stage of this <image> in detail"
     .venv/bin/python scripts/predict_local.py --image a.png --image b.png --prompt "Compare them."
+    .venv/bin/python scripts/predict_local.py --quantize int8 --image demo.png --prompt "Describe <image>."
 
 The checkpoint comes from --weights, else COG_WEIGHTS, else weights/ (downloaded when empty),
 exactly as in the container. Local image files are the operator's own, so they are passed as
 the server passes downloaded inputs. Input defaults are predict.py's Input() declarations. The
-answer is streamed to stdout; logs go to stderr.
+answer is streamed to stdout; logs go to stderr. --quantize sets DSVL2_QUANTIZE (the expert
+weight format: none, int8, fp8 or auto) for this run.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import predict  # noqa: E402
 from cog import Path as CogPath  # noqa: E402
 from deepseek_vl2.serving import coglet_bridge  # noqa: E402
 from deepseek_vl2.serving.inputs import IMAGE_INPUTS  # noqa: E402
+from deepseek_vl2.weights.sizing import QUANTIZE_ENV, QUANTIZE_SETTINGS  # noqa: E402
 
 # Command-line options for the run() inputs that are not files or the prompt: name -> type.
 OPTIONS = {"system_prompt": str, "temperature": float, "top_p": float, "top_k": int,
@@ -34,6 +38,8 @@ def main() -> None:
     parser.add_argument("--weights", help="checkpoint directory or URL (default: COG_WEIGHTS, else weights/)")
     parser.add_argument("--image", action="append", required=True, help="image file; repeat for up to 4")
     parser.add_argument("--prompt", required=True)
+    parser.add_argument("--quantize", choices=QUANTIZE_SETTINGS,
+                        help=f"expert weight format (default: {QUANTIZE_ENV}, else auto)")
     for name, kind in OPTIONS.items():
         default = predict.DECLARED.defaults.get(name)
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
@@ -45,6 +51,8 @@ def main() -> None:
         if not Path(image).is_file():
             parser.error(f"no such image file: {image}")
     images = {name: CogPath(Path(path).resolve()) for name, path in zip(IMAGE_INPUTS, args.image)}
+    if args.quantize:
+        os.environ[QUANTIZE_ENV] = args.quantize
     runner = predict.Predictor()
     with contextlib.redirect_stdout(sys.stderr):
         runner.setup(args.weights)

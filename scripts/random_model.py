@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor
-from deepseek_vl2.model.checkpoint import parameters_on_meta
+from deepseek_vl2.model.checkpoint import build_on_meta
 from deepseek_vl2.model.config import config_from_dict
 from deepseek_vl2.model.multimodal import DeepseekVL2
 from deepseek_vl2.model.norm import RMSNorm
@@ -98,8 +98,7 @@ def build_random_model(variant: str, device: torch.device, dtype: torch.dtype, *
 
     config_json = random_config_json(variant, size, layers, vision_layers, dtype)
     config = config_from_dict(config_json)
-    with parameters_on_meta():
-        model = DeepseekVL2(config)
+    model = build_on_meta(config)
     norms = _norm_parameter_names(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     hidden = config.language.hidden_size

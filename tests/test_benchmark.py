@@ -87,17 +87,15 @@ def test_activated_parameters_match_the_loaded_model(tmp_path, variant, override
 
 def test_random_config_has_the_published_shapes() -> None:
     """The random base model is built from the published base shapes (built on meta: no draws)."""
-    from deepseek_vl2.model.checkpoint import parameters_on_meta
+    from deepseek_vl2.model.checkpoint import build_on_meta
     from deepseek_vl2.model.config import config_from_dict
-    from deepseek_vl2.model.multimodal import DeepseekVL2
 
     config = config_from_dict(random_config_json("base", "real", layers=2, vision_layers=1))
     language = config.language
     assert (language.hidden_size, language.n_routed_experts, language.kv_lora_rank, language.vocab_size) == (
         2560, 72, 512, 129280)
     assert language.topk_method == "noaux_tc" and config.vision.width == 1152
-    with parameters_on_meta():
-        model = DeepseekVL2(config)
+    model = build_on_meta(config)
     assert tuple(model.language.model.layers[1].mlp.experts.gate_up.shape) == (72, 2 * 1536, 2560)
 
 

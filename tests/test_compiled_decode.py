@@ -21,6 +21,7 @@ from deepseek_vl2.engine.scheduler import BatchScheduler
 from deepseek_vl2.model.checkpoint import load_model
 from deepseek_vl2.model.config import LanguageConfig
 from deepseek_vl2.model.moe import StackedExperts
+import moe_reference
 from reference_data import case_names, checkpoint_dir, expected_outputs, reference_available, requires_reference
 from test_reference import processed_case, processor_for
 
@@ -146,9 +147,9 @@ def test_copy_free_moe_equals_the_reference_moe_and_copies_no_weights(tokens: in
     x = torch.randn(tokens, hidden)
     ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])
     with torch.inference_mode():
-        reference = stack.run_grouped(x, ids)
-        torch.testing.assert_close(stack.run_gathered(x, ids), reference, atol=1e-5, rtol=1e-5)
-        compiled = torch.compile(stack.run_indexed, fullgraph=True, dynamic=False)
+        reference = stack.grouped(x, ids)
+        torch.testing.assert_close(moe_reference.gathered(stack, x, ids), reference, atol=1e-5, rtol=1e-5)
+        compiled = torch.compile(stack.fused, fullgraph=True, dynamic=False)
         out, code = run_and_get_code(compiled, x, ids)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     gathered = tokens * k * 2 * inter * hidden  # what gate_up[ids] would copy
@@ -168,10 +169,10 @@ def test_looped_moe_equals_the_reference_and_each_token_is_independent_of_the_ba
     ids = torch.stack([torch.randperm(16)[:4] for _ in range(3)])
     ids[1, 0] = ids[0, 0]  # one expert chosen by two tokens
     with torch.inference_mode():
-        looped = stack.run_looped(x, ids)
-        torch.testing.assert_close(looped, stack.run_grouped(x, ids), atol=1e-5, rtol=1e-5)
+        looped = stack.looped(x, ids)
+        torch.testing.assert_close(looped, stack.grouped(x, ids), atol=1e-5, rtol=1e-5)
         for row in range(3):
-            assert torch.equal(stack.run_looped(x[row : row + 1], ids[row : row + 1])[0], looped[row])
+            assert torch.equal(stack.looped(x[row : row + 1], ids[row : row + 1])[0], looped[row])
 
 
 def test_eager_cpu_decode_loops_over_the_chosen_experts(monkeypatch) -> None:
@@ -181,9 +182,9 @@ def test_eager_cpu_decode_loops_over_the_chosen_experts(monkeypatch) -> None:
                             n_shared_experts=1, topk_method="greedy")
     moe = MoE(config)
     called = []
-    original = StackedExperts.run_looped
-    monkeypatch.setattr(StackedExperts, "run_looped", lambda self, x, ids: called.append(1) or original(self, x, ids))
-    monkeypatch.setattr(StackedExperts, "run_gathered", lambda self, x, ids: pytest.fail("gathered on the CPU"))
+    original = StackedExperts.looped
+    monkeypatch.setattr(StackedExperts, "looped", lambda self, x, ids: called.append(1) or original(self, x, ids))
+    monkeypatch.setattr(StackedExperts, "fused", lambda self, x, ids: pytest.fail("gathered on the CPU"))
     with torch.inference_mode():
         moe(torch.randn(2, 1, 32))
     assert called == [1]

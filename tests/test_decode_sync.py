@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepseek_vl2.engine.generation import Generator
 from deepseek_vl2.engine.sampling import SamplingParams, sample_next
-from deepseek_vl2.model.moe import MoE
+from deepseek_vl2.model import moe
 
 SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "bincount", "item")
 
@@ -31,7 +31,7 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("batch", [1, 6])  # 6 × top-k exceeds the 8 experts: the dense expert path
+@pytest.mark.parametrize("batch", [1, 6])  # 6 × top-k exceeds the 8 experts: some read twice
 def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int, monkeypatch) -> None:
     generator.reserve(batch, 64)
     params = [SamplingParams(temperature=0.7 if b % 2 else 0.0, top_k=5, seed=b) for b in range(batch)]
@@ -41,11 +41,10 @@ def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int, 
         generator.prefill(seq)
         generator.sample([seq], seq.next_logits.unsqueeze(0))
         seqs.append(seq)
-    # The path a GPU takes: the CPU's eager MoE loops over experts on the host (MoE.loop_on_host),
-    # a GPU's does not. Tensor.tolist reads CPU memory without dispatching an op, so it is
-    # recorded by hand (on a GPU it is a synchronisation).
-    for moe in [m for m in generator.model.modules() if isinstance(m, MoE)]:
-        monkeypatch.setattr(moe, "loop_on_host", False)
+    # The path a GPU takes: the CPU's eager MoE loops over experts on the host
+    # (moe.reads_ids_on_host), a GPU's does not. Tensor.tolist reads CPU memory without
+    # dispatching an op, so it is recorded by hand (on a GPU it is a synchronisation).
+    monkeypatch.setattr(moe, "reads_ids_on_host", lambda x: False)
     listed = []
     original_tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: listed.append(self.shape) or original_tolist(self))

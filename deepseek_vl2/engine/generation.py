@@ -79,10 +79,12 @@ class Generator:
         cls, checkpoint_dir: str | Path, device=None, dtype: Optional[torch.dtype] = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, *, compile: Optional[bool] = None, max_batch: int = 1,
         max_len: Optional[int] = None, kv_bucket: int = DEFAULT_KV_BUCKET, config: Optional[DeepseekVL2Config] = None,
-        weight_files: Optional[Sequence[Path]] = None,
+        weight_files: Optional[Sequence[Path]] = None, quantize: str = "none",
     ) -> "Generator":
-        """Load model and processor from an official checkpoint directory (arguments: module docstring)."""
-        model = load_model(checkpoint_dir, device=device, dtype=dtype, config=config, files=weight_files)
+        """Load model and processor from an official checkpoint directory (arguments: module docstring;
+        ``quantize``: "none", or "int8"/"fp8" expert weights)."""
+        model = load_model(checkpoint_dir, device=device, dtype=dtype, config=config, files=weight_files,
+                           quantize=quantize)
         processor = DeepseekVL2Processor.from_pretrained(checkpoint_dir)
         return cls(model, processor, prefill_chunk, compile=compile, max_batch=max_batch, max_len=max_len,
                    kv_bucket=kv_bucket)

@@ -8,8 +8,8 @@ from torch import nn
 
 from .attention import build_attention
 from .config import LanguageConfig
-from .kv_cache import KVCache, Slots
-from .moe import MLP, MoE
+from .kv_cache import KVCache, LayerCache, Slots
+from .moe import MLP, MoE, Routing
 from .norm import RMSNorm
 
 
@@ -26,9 +26,19 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, positions, cache=None, slots=None, kv_len: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Optional[LayerCache] = None,
+        slots: Optional[Slots] = None,
+        kv_len: int = 0,
+        routing: Optional[Routing] = None,
+    ) -> torch.Tensor:
+        """One block on x [B, T, D]; ``routing`` records or replays the MoE choice (MoE layers only)."""
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, slots, kv_len)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        normed = self.post_attention_layernorm(x)
+        return x + (self.mlp(normed, routing) if isinstance(self.mlp, MoE) else self.mlp(normed))
 
 
 class DecoderStack(nn.Module):
@@ -57,11 +67,13 @@ class LanguageModel(nn.Module):
         cache: Optional[KVCache] = None,
         slots: Optional[Slots] = None,
         kv_len: Optional[int] = None,
+        routing: Optional[Routing] = None,
     ) -> torch.Tensor:
         """Run the decoder on embeds [B, T, D] at positions [B, T]; returns the final-normed states.
 
         With a cache, ``kv_len`` is the number of cached positions to attend over (at least
         max(positions) + 1); when omitted it is read from ``positions`` (one host sync).
+        ``routing`` records (or replays) every MoE layer's expert choice, in layer order.
         """
         if cache is not None:
             if slots is None:
@@ -70,7 +82,7 @@ class LanguageModel(nn.Module):
                 kv_len = int(positions.max()) + 1
         x = embeds
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, cache.layers[i] if cache is not None else None, slots, kv_len or 0)
+            x = layer(x, positions, cache.layers[i] if cache is not None else None, slots, kv_len or 0, routing)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .config import DeepseekVL2Config
 from .kv_cache import KVCache, Slots
 from .language import LanguageModel
+from .moe import Routing
 from .projector import Projector
 from .vision import build_vision_tower, encode_tiles
 
@@ -16,11 +18,12 @@ from .vision import build_vision_tower, encode_tiles
 class DeepseekVL2(nn.Module):
     """The whole model. Parameter names equal the official checkpoint keys (experts stacked)."""
 
-    def __init__(self, config: DeepseekVL2Config) -> None:
+    def __init__(self, config: DeepseekVL2Config, vision: Optional[VisionTransformer] = None) -> None:
+        """``vision``: an already built tower (the loader builds it outside its meta context)."""
         super().__init__()
         self.config = config
         width = config.language.hidden_size
-        self.vision = build_vision_tower(config.vision)
+        self.vision = vision if vision is not None else build_vision_tower(config.vision)
         self.projector = Projector(config.projector)
         self.image_newline = nn.Parameter(torch.empty(width))
         self.view_seperator = nn.Parameter(torch.empty(width))  # (sic) official key name
@@ -114,9 +117,14 @@ class DeepseekVL2(nn.Module):
         slots: Optional[Slots] = None,
         kv_len: Optional[int] = None,
         last_only: bool = False,
+        routing: Optional[Routing] = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] (float32) for embeds [B, T, D] at positions [B, T]; [B, 1, V] if last_only."""
-        hidden = self.language.hidden_states(embeds, positions, cache, slots, kv_len)
+        """Logits [B, T, V] (float32) for embeds [B, T, D] at positions [B, T]; [B, 1, V] if last_only.
+
+        ``routing`` (a :class:`~deepseek_vl2.model.moe.Routing`) records or replays the expert
+        choice of every MoE layer; None changes nothing.
+        """
+        hidden = self.language.hidden_states(embeds, positions, cache, slots, kv_len, routing)
         if last_only:
             hidden = hidden[:, -1:]
         return self.language.logits(hidden)

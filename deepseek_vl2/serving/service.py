@@ -32,6 +32,7 @@ from deepseek_vl2.grounding import parse_grounding
 from deepseek_vl2.inputs.images import load_image
 from deepseek_vl2.model.checkpoint import default_device, default_dtype, weight_files
 from deepseek_vl2.model.config import load_config
+from deepseek_vl2.model.quantization import expert_parameters
 from deepseek_vl2.serving import coglet_bridge
 from deepseek_vl2.serving.errors import user_facing_error
 from deepseek_vl2.serving.inputs import PredictRequest
@@ -79,18 +80,22 @@ class Service:
         files = weight_files(checkpoint)
         device = default_device()
         dtype = default_dtype(device)
-        if device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(device)
-            weights.check_gpu_memory(weights.parameters_on_disk(files), free_bytes, config.variant)
-        else:
+        free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        if free_bytes is None:
             print("no CUDA GPU found: running on the CPU in float32 (slow)", flush=True)
+        quantize_setting = weights.quantize_setting()
+        quantize = weights.choose_weight_format(quantize_setting, weights.parameters_on_disk(files),
+                                                expert_parameters(config.language), free_bytes, config.variant)
         # The persistent decode state (KV cache + step buffers) is sized here for every slot.
         engine = Generator.load(checkpoint, device=device, dtype=dtype, prefill_chunk=settings.prefill_chunk,
                                 compile=settings.compile, max_batch=settings.slots, kv_bucket=settings.kv_bucket,
-                                config=config, weight_files=files)
+                                config=config, weight_files=files, quantize=quantize)
         loaded = time.perf_counter()
+        weight_gb = sum(p.nbytes for p in engine.model.parameters()) / 1e9
         print(f"loaded {engine.variant} from {checkpoint} on {device} as {dtype} "
-              f"in {loaded - started:.1f} s", flush=True)
+              f"in {loaded - started:.1f} s; weights {weight_gb:.2f} GB, experts "
+              f"{'in ' + quantize if quantize != 'none' else 'unquantized'} ({weights.QUANTIZE_ENV}="
+              f"{quantize_setting})", flush=True)
         if engine.engine.compiled:  # every batch × KV bucket, logged one line each, within a bound
             engine.warmup(max_seconds=settings.warmup_seconds)
         blank = Image.new("RGB", (64, 64), (127, 127, 127))  # first request pays no lazy setup
