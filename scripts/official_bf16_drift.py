@@ -1,6 +1,6 @@
 """The official DeepSeek-VL2 code's own bf16 drift, checked with the same bounds as ours.
 
-Runs in the official code's environment (transformers 4.38.2 & co.; ../shared/docs/official-code-on-gpu.md),
+Runs in the official code's environment (transformers 4.38.2 & co., as the shared official-code notes describe),
 never in ours: the official package is imported from DSVL2_OFFICIAL at run time and nothing of
 it is stored here. It reads the reference runs that ``scripts/measure_bf16_drift.py --save DIR``
 wrote (our float32-storage and float64 logits and the float32 expert choice, per case), loads
