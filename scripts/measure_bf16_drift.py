@@ -1,12 +1,23 @@
 """Measure how far bfloat16 inference drifts from float32 on the reference fixture cases.
 
-For every (config, case) in DSVL2_REFERENCE_DIR it runs the processor once, then the model in
-bfloat16 on ``--device`` and prints the max |logit difference| over the last 4 prompt positions
-against the official float32 logits of the fixture (``logits_last4``), and how many of the 16
-greedy tokens agree with the fixture's greedy continuation (and whether it is identical). The
-figures depend on the device and, on the CPU, on the processor's kernels (docs/correctness.md).
+For every (config, case) in DSVL2_REFERENCE_DIR it runs the bf16 parity check of
+tests/bf16_check.py on ``--device`` (the model in float64 with float32 storage, in float64, and
+in bf16 with routing held and free) and prints, per case:
 
-    python scripts/measure_bf16_drift.py [--device cpu|cuda] [--json out.json] [--configs tiny] [--cases a,b]
+* ``held``: the routing-held bf16 error as a fraction of its bound 2^16 × the float32-storage
+  error (RMS over every position and logit; ≤ 1 passes) and its largest |Δlogit|;
+* ``free``: the free run's relative error at the median unflipped position as a fraction of its
+  bound (≤ 1 passes), the positions where some MoE layer changed its choice, the first-MoE-layer
+  flips and the largest float32 margin among them against the margin bf16 rounding can cross;
+* top-1 agreement with float32 over every position, free and held;
+* the old figures: max |Δlogit| at the last 4 prompt positions against the official float32
+  ``logits_last4`` (free and held), and how many of the 16 greedy tokens agree.
+
+Figures depend on the device and, on the CPU, on the processor's kernels (docs/correctness.md).
+``--save DIR`` also writes each case's reference runs (``<config>-<case>.pt``) for
+``scripts/official_bf16_drift.py``, which checks the official code's bf16 runs the same way.
+
+    python scripts/measure_bf16_drift.py [--device cpu|cuda] [--json out.json] [--configs tiny] [--cases a,b] [--save DIR]
 """
 from __future__ import annotations
 
@@ -22,6 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from bf16_bounds import bf16_figures, bf16_problems  # noqa: E402
+from bf16_check import bf16_runs, perturb_by_float32_rounding, reference_runs  # noqa: E402
 from deepseek_vl2.engine.generation import Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor  # noqa: E402
@@ -29,27 +42,42 @@ from deepseek_vl2.model.checkpoint import load_model  # noqa: E402
 from reference_data import case_names, checkpoint_dir, config_names, expected_outputs, has_outputs, load_case_inputs  # noqa: E402
 
 
-def last_logits(gen: Generator, inputs, n: int = 4) -> torch.Tensor:
-    """Logits of the last n prompt positions of one uncached forward, float32 on the CPU."""
-    with torch.inference_mode():
-        embeds = gen.model.embed_inputs(inputs.input_ids, inputs.images, inputs.images_seq_mask, inputs.images_spatial_crop)
-        positions = torch.arange(embeds.shape[0], device=embeds.device).unsqueeze(0)
-        return gen.model.forward_embeds(embeds.unsqueeze(0), positions)[0, -n:].float().cpu()
-
-
-def measure(config: str, case: str, gen: Generator, processor: DeepseekVL2Processor) -> dict:
-    """bf16 figures of one case against the fixture's float32 outputs."""
+def measure(config: str, case: str, models: dict, gen: Generator, processor: DeepseekVL2Processor,
+            save: Path | None) -> dict:
+    """bf16 figures of one case: the parity check's, and the old ones against the fixture."""
     expected, meta = expected_outputs(config, case)
     conversation, images = load_case_inputs(case)
     inputs = processor.process(conversation, images, system_prompt="")
+    reference = reference_runs(models["f64"], models["f64_perturbed"], inputs)
+    runs = bf16_runs(gen.model, inputs, reference)
+    row = dict(config=config, case=case, **bf16_figures(runs))
+    row["problems"] = bf16_problems(row)
+    last4 = expected["logits_last4"].to(torch.float64)
+    row["max_logit_diff"] = (runs.free[-4:] - last4).abs().max().item()
+    row["held_last4_diff"] = (runs.held[-4:] - last4).abs().max().item()
     reference_tokens = meta["greedy"]["new_tokens"]
     tokens = gen.generate_ids(inputs, SamplingParams(temperature=0.0, max_new_tokens=meta["greedy"]["n_new"], stop=()))
-    agree = next((i for i, (a, b) in enumerate(zip(reference_tokens, tokens)) if a != b),
-                 min(len(reference_tokens), len(tokens)))
-    reference = expected["logits_last4"]
-    diff = (last_logits(gen, inputs) - reference).abs().max().item()
-    return dict(config=config, case=case, max_logit_diff=diff, logit_absmax=reference.abs().max().item(),
-                greedy_prefix_agree=agree, greedy_len=len(reference_tokens), identical=tokens == reference_tokens)
+    row["greedy_prefix_agree"] = next((i for i, (a, b) in enumerate(zip(reference_tokens, tokens)) if a != b),
+                                      min(len(reference_tokens), len(tokens)))
+    row["greedy_len"] = len(reference_tokens)
+    row["identical"] = tokens == reference_tokens
+    if save is not None:
+        torch.save(dict(f32=reference.f32, f64=reference.f64, routing=[ids.cpu() for ids in reference.routing]),
+                   save / f"{config}-{case}.pt")
+    return row
+
+
+def print_row(row: dict) -> None:
+    """One line per case."""
+    flips = (f"1st-layer flips {row['first_layer_flips']:3d} at margin ≤ {row['flip_margin_max']:.3f} "
+             f"(allowed {row['flip_margin_allowed']:.3f})" if "first_layer_flips" in row else "no MoE layer")
+    print(f"{row['config']:6s} {row['case']:15s} held {row['held_ratio']:.2f} of bound (max|Δ| {row['held_max_abs']:.3f})  "
+          f"free median {row['free_median_relative'] / row['free_median_bound']:.2f} of bound, "
+          f"{row['positions_with_a_flip']:3d}/{row['positions']:4d} positions flipped, {flips}  "
+          f"top-1 {row['free_top1_agreement']:.3f}/{row['held_top1_agreement']:.3f}  "
+          f"last-4 max|Δ| {row['max_logit_diff']:.3f}/{row['held_last4_diff']:.3f}  "
+          f"greedy {row['greedy_prefix_agree']:2d}/{row['greedy_len']:2d}  {'FAIL' if row['problems'] else 'ok'}",
+          flush=True)
 
 
 def main() -> None:
@@ -59,32 +87,51 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--configs", help="comma-separated configs (default: all)")
     parser.add_argument("--cases", help="comma-separated cases (default: all)")
+    parser.add_argument("--save", type=Path, help="write each case's reference runs here (for official_bf16_drift.py)")
     args = parser.parse_args()
+    if args.device.startswith("cuda"):  # the float32 yardstick must be float32, bf16 sums float32 (docs/correctness.md)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
     configs = args.configs.split(",") if args.configs else config_names()
     cases = args.cases.split(",") if args.cases else case_names()
     rows = []
+    started = time.perf_counter()
     for config in configs:
         processor = DeepseekVL2Processor.from_pretrained(checkpoint_dir(config))
+        models = {"f64": load_model(checkpoint_dir(config), device=args.device, dtype=torch.float64),
+                  "f64_perturbed": load_model(checkpoint_dir(config), device=args.device, dtype=torch.float64)}
+        perturb_by_float32_rounding(models["f64_perturbed"])
         gen = Generator(load_model(checkpoint_dir(config), device=args.device, dtype=torch.bfloat16), processor,
                         compile=False)
         for case in cases:
-            if not has_outputs(config, case):
-                continue
-            row = measure(config, case, gen, processor)
-            rows.append(row)
-            print(f"{config:6s} {case:16s} max|Δlogit| {row['max_logit_diff']:7.4f} (|logit|max {row['logit_absmax']:5.2f})  "
-                  f"greedy agree {row['greedy_prefix_agree']:2d}/{row['greedy_len']:2d} "
-                  f"{'identical' if row['identical'] else 'differs'}", flush=True)
-    diffs = sorted(r["max_logit_diff"] for r in rows)
-    summary = dict(cases=len(rows), identical=sum(r["identical"] for r in rows), max_logit_diff=diffs[-1],
-                   median_logit_diff=diffs[len(diffs) // 2], device=args.device,
-                   machine=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else
-                   f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
-    print(f"summary: {summary['identical']}/{len(rows)} greedy continuations identical to the float32 reference; "
-          f"max |Δlogit| {summary['max_logit_diff']:.4f}; median {summary['median_logit_diff']:.4f}")
+            if has_outputs(config, case):
+                rows.append(measure(config, case, models, gen, processor, args.save))
+                print_row(rows[-1])
+    held = sorted(r["held_ratio"] for r in rows)
+    free = sorted(r["free_median_relative"] / r["free_median_bound"] for r in rows)
+    drift = sorted(r["max_logit_diff"] for r in rows)
+    summary = dict(
+        cases=len(rows), failed=sum(bool(r["problems"]) for r in rows), held_ratio_max=held[-1],
+        held_ratio_median=held[len(held) // 2], free_median_ratio_max=free[-1],
+        free_top1_agreement_min=min(r["free_top1_agreement"] for r in rows),
+        held_top1_agreement_min=min(r["held_top1_agreement"] for r in rows),
+        identical=sum(r["identical"] for r in rows), max_logit_diff=drift[-1], median_logit_diff=drift[len(drift) // 2],
+        device=args.device, seconds=round(time.perf_counter() - started, 1),
+        machine=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    print(f"summary: {summary['failed']}/{len(rows)} cases outside the bf16 bounds; routing held at "
+          f"{summary['held_ratio_median']:.2f} (median) to {summary['held_ratio_max']:.2f} of its bound; free run's median "
+          f"position at most {summary['free_median_ratio_max']:.2f} of its bound; top-1 agreement ≥ "
+          f"{summary['free_top1_agreement_min']:.3f} free, ≥ {summary['held_top1_agreement_min']:.3f} held; last-4 max|Δlogit| "
+          f"{summary['max_logit_diff']:.3f} (median {summary['median_logit_diff']:.3f}); {summary['identical']}/{len(rows)} "
+          f"greedy continuations identical")
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    sys.exit(1 if summary["failed"] else 0)
 
 
 if __name__ == "__main__":
