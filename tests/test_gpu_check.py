@@ -77,3 +77,15 @@ def test_junit_counts_reads_failures(tmp_path) -> None:
     assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 1, 1)
     assert counts["failures"] == ["b: boom"]
     assert junit_counts(tmp_path / "missing.xml")["failures"]
+
+
+@pytest.mark.parametrize("module", ["scripts.gpu_check", "scripts.gpu_check_cog", "scripts.benchmark",
+                                    "scripts.measure_bf16_drift"])
+def test_scripts_import_without_pytest_or_pygments(module: str) -> None:
+    """The GPU machine has no pytest (nor pygments, which pytest imports): every script of the check
+    but the parity tests must import without them (reference_data imports pytest lazily)."""
+    code = ("import sys; sys.modules['pytest'] = None; sys.modules['pygments'] = None; "
+            "sys.path.insert(0, 'tests'); import importlib; importlib.import_module(sys.argv[1])")
+    done = subprocess.run([sys.executable, "-c", code, module], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
