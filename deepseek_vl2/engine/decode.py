@@ -144,6 +144,7 @@ class DecodeEngine:
         self.model = model
         self.compiled = compile
         self.kv_bucket = kv_bucket
+        # CUDA graphs: for a compiled step on CUDA; a caller may set it for the eager step before warmup()
         self.use_graphs = compile and model.device.type == "cuda"
         self.sealed = False  # set by warmup(): from then on a step never compiles
         self.warmup_summary: dict[str, object] = {}
@@ -157,7 +158,7 @@ class DecodeEngine:
         self.state = DecodeState.allocate(self.model, slots, max_len)
         self._functions: dict[tuple[int, bool], Callable] = {}
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._graph_pool = None  # made at the first capture
         self._active_slots: Optional[frozenset[int]] = None
         self._eager_fallbacks: set[tuple[int, bool]] = set()
         log.info("decode state: %d slot(s) x %d tokens, %.0f MiB on %s, allocated in %.2f s", slots, max_len,
@@ -262,12 +263,13 @@ class DecodeEngine:
         return outputs
 
     def _capture(self, rows: int, kv_len: int, full: bool) -> tuple[torch.cuda.CUDAGraph, tuple]:
-        """Warm the compiled step up on a side stream with no row active, then capture it.
+        """Warm the step (compiled, or eager) up on a side stream with no row active, then capture it.
 
         Only :meth:`warmup` calls this, in setup, when no other thread uses the device; the
         thread-local capture mode also keeps another thread's allocation from failing a capture.
         """
-        fn = self._compiled_function(rows, full)
+        fn = self._step_function(rows, full)
+        self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
         saved = self.state.active.clone()
         self.state.active.zero_()
         stream = torch.cuda.Stream()
