@@ -1,6 +1,6 @@
 """Benchmark DeepSeek-VL2 through its engine: time to first token and decode speed, eager and
 compiled side by side (alternating runs in one process), the bandwidth fraction, concurrency and
-the rows of the GPU target table (issue 12 / docs/benchmark.md).
+the rows of the GPU target table (docs/benchmark.md).
 
 The model is random weights of a variant's real shape drawn directly on the device
 (``--random-weights``, the default; ``scripts/random_model.py``; ``--layers`` / ``--vision-layers``
@@ -44,7 +44,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as ``python scripts/benchmark.py``
     sys.path.insert(0, str(REPO_ROOT))
 
-from deepseek_vl2.engine.decode import batch_buckets  # noqa: E402
 from deepseek_vl2.engine.generation import DEFAULT_PREFILL_CHUNK, Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs  # noqa: E402
@@ -119,6 +118,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help=f"which target rows (default all: {','.join(ROW_KEYS)})")
     parser.add_argument("--row-new-tokens-scale", type=float, default=1.0,
                         help="scale the target rows' new-token counts (smoke runs)")
+    parser.add_argument("--sampled", choices=("warmed", "unwarmed", "off"), default="warmed",
+                        help="the sampled request: its full step warmed first (a compile per compiled mode), "
+                             "unwarmed (runs the eager full step after the greedy warm-up: no compile), or off")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--jsonl", type=Path, help="append one JSON line per figure to this file as it is measured")
     args = parser.parse_args(argv)
@@ -139,13 +141,15 @@ class Events:
 
     def __init__(self, path: Optional[Path]) -> None:
         self.path = path
+        self.fields: dict[str, Any] = {}  # added to every line (source, variant)
 
     def __call__(self, event: str, **fields: Any) -> None:
         """Append ``{"event": event, **fields}`` and flush it to disk now."""
         if self.path is None:
             return
         with open(self.path, "a") as handle:
-            handle.write(json.dumps({"event": event, "time": round(time.time(), 2), **fields}, default=str) + "\n")
+            line = {"event": event, "time": round(time.time(), 2), **self.fields, **fields}
+            handle.write(json.dumps(line, default=str) + "\n")
 
 
 EMIT = Events(None)
@@ -256,11 +260,13 @@ def alternate(generators: dict[str, Generator], inputs: ProcessedInputs, new_tok
     return runs
 
 
-def sampled_runs(generators: dict[str, Generator], inputs: ProcessedInputs, new_tokens: int) -> dict[str, dict]:
+def sampled_runs(generators: dict[str, Generator], inputs: ProcessedInputs, new_tokens: int, warm: bool = True
+                 ) -> dict[str, dict]:
     """One sampled request per mode (the full sampler: sort over the vocabulary in the step), after
-    warming that mode's full step for its KV buckets; ``sampled`` lines."""
+    warming that mode's full step for its KV buckets when ``warm``; ``sampled`` lines."""
     prompt_tokens = int(inputs.input_ids.numel())
-    warm_compiled(generators, prompt_tokens, new_tokens, modes=("full",))
+    if warm:
+        warm_compiled(generators, prompt_tokens, new_tokens, modes=("full",))
     runs = {}
     for mode, generator in list(generators.items()):
         run = guarded(generators, mode, "sampled request", lambda: run_request(generator, inputs, new_tokens, True))
@@ -292,7 +298,7 @@ def warm_compiled(generators: dict[str, Generator], prompt_tokens: int, new_toke
                 rows=list(rows), kv_lens=kv_lens, modes=tuple(modes), max_seconds=max_seconds))
             if done is not None:
                 seconds[mode] = time.perf_counter() - start
-                EMIT("warmup", mode=mode, seconds=seconds[mode], rows=list(rows), kv_lens=kv_lens, step_modes=list(modes),
+                EMIT("warmup", mode=mode, warmup_seconds=seconds[mode], rows=list(rows), kv_lens=kv_lens, step_modes=list(modes),
                      **generator.engine.warmup_summary)
     return seconds
 
@@ -335,7 +341,7 @@ def run_concurrent(generator: Generator, inputs: ProcessedInputs, level: int, ne
 
 
 # ----------------------------------------------------------------------------- target rows
-TARGETS = {  # issue 12, batch 1, bfloat16, one H100/H200
+TARGETS = {  # the GPU target table (docs/benchmark.md), batch 1, bfloat16, one H100/H200
     "decode": {"tiny": 300.0, "small": 150.0, "base": 100.0},
     "ttft": {"tiny": 0.080, "base": 0.200},
     "e2e_1428": {"small": 1.2},
@@ -395,7 +401,9 @@ def target_rows(model: DeepseekVL2, generators: dict[str, Generator], args: argp
         inputs, _ = prepared(first, DEFAULT_PROMPT, synthetic_image(300, 200))
         new = max(2, int(128 * scale))
         ratio, detail = {}, {}
-        warm_compiled(generators, int(inputs.input_ids.numel()), new, rows=batch_buckets(args.concurrency))
+        # rows 1 and the full batch only (2 compiles, not one per bucket): the ramp-up through the
+        # buckets between runs their un-warmed step (eager, never compiling)
+        warm_compiled(generators, int(inputs.input_ids.numel()), new, rows=sorted({1, args.concurrency}))
         for mode, generator in list(generators.items()):
             pair = guarded(generators, mode, "concurrency", lambda: (
                 run_concurrent(generator, inputs, 1, new), run_concurrent(generator, inputs, args.concurrency, new)))
@@ -443,7 +451,7 @@ def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
     inputs, prepare_s = prepared(first, args.prompt, image, args.prompt_tokens)
     warm = warm_compiled(generators, int(inputs.input_ids.numel()), args.new_tokens, max_seconds=args.warmup_seconds)
     runs = alternate(generators, inputs, args.new_tokens, args.repeats)
-    sampled = sampled_runs(generators, inputs, args.new_tokens)
+    sampled = sampled_runs(generators, inputs, args.new_tokens, args.sampled == "warmed") if args.sampled != "off" else {}
     context = inputs.input_ids.numel() + args.new_tokens / 2
     peak = peak_bandwidth_gbs(args.device, args.peak_bandwidth_gbs)
 
@@ -499,6 +507,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     EMIT.path = args.jsonl
+    EMIT.fields = {"source": "benchmark", "variant": args.variant}
     report, results = benchmark(args)
     if args.json:
         command = ["scripts/benchmark.py", *(argv if argv is not None else sys.argv[1:])]

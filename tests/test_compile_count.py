@@ -1,4 +1,4 @@
-"""Compile once, before the first request: a whole serving session on the CPU with compilation on.
+"""Compile once, before the first request: a whole serving run on the CPU with compilation on.
 
 Setup (``Service.start`` with ``DSVL2_COMPILE=1`` and 8 slots) compiles the decode step once per
 (rows bucket, mode) — 1, 2, 4, 8 rows × full, greedy — and prints that count per mode. Then 24
@@ -20,7 +20,6 @@ import contextlib
 import io
 import os
 import threading
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -42,7 +41,7 @@ def dynamo_counts() -> int:
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory):
+def served(tmp_path_factory):
     """A started Service (setup done) and what its setup printed."""
     from deepseek_vl2.serving.service import Service
 
@@ -86,8 +85,8 @@ def _requests(service) -> list[list[tuple]]:
     return waves
 
 
-def test_a_serving_session_compiles_only_in_setup(session) -> None:
-    service, printed = session
+def test_a_serving_run_compiles_only_in_setup(served) -> None:
+    service, printed = served
     engine = service.engine.engine
     buckets = len(batch_buckets(SLOTS))
     assert engine.sealed
@@ -117,8 +116,8 @@ class RecordedGraph:
             out.copy_(new)
 
 
-def test_only_the_warm_up_captures_and_a_step_never_compiles_after_it(session, monkeypatch) -> None:
-    service, _ = session
+def test_only_the_warm_up_captures_and_a_step_never_compiles_after_it(served, monkeypatch) -> None:
+    service, _ = served
     model = service.engine.model
     engine = DecodeEngine(model, slots=2, max_len=512, compile=True, kv_bucket=256)
     captured: list[tuple[int, int, bool]] = []
