@@ -269,14 +269,16 @@ def official_stage(check: Check, stage: str) -> dict[str, Any]:
                "--device", check.args.device, "--workloads", "1" if check.args.dry_run else OFFICIAL_WORKLOADS[variant]]
     if check.args.dry_run:  # bf16 matmuls crawl on this CPU (no AVX-512): float32, workload 1 only
         command += ["--layers", "2", "--vision-layers", "1", "--new", "4", "--threads", "2", "--dtype", "float32"]
-    result = check.run(stage, command, {"PYTHONPATH": os.environ.get("DSVL2_OFFICIAL_PYTHONPATH", "")})
+    # Its own packages first; then the carried ones (its huggingface_hub 0.25 needs requests)
+    paths = [os.environ.get("DSVL2_OFFICIAL_PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
+    result = check.run(stage, command, {"PYTHONPATH": os.pathsep.join(p for p in paths if p)})
     log = (check.work / result["log"]).read_text(errors="replace").splitlines()
     result["lines"] = []
     for text in log:
         with contextlib.suppress(ValueError):
             if text.startswith("{"):
                 result["lines"].append(json.loads(text))
-                check.emit(stage, "workload", variant=variant, **result["lines"][-1])
+                check.emit(stage, "workload", **{"variant": variant, **result["lines"][-1]})
     return result
 
 

@@ -105,9 +105,16 @@ def serve_and_predict(checkpoint: Path, workdir: Path, inputs: dict, seconds: fl
                 if left < 1:
                     break
                 t0 = time.perf_counter()
-                with contextlib.suppress(OSError, ValueError):  # a timeout is recorded as no answer
-                    code, body = None, {}
-                    code, body = http_json(f"{base}/predictions", {"input": {**inputs, **params}}, timeout=left)
+                code, body = None, {}
+                # coglet 0.23.1 answers a transient 409 (busy) just after a prediction: retry like a client
+                while code in (None, 409) and time.monotonic() < deadline - 1:
+                    if code == 409:
+                        time.sleep(0.25)
+                    with contextlib.suppress(OSError, ValueError):  # a timeout is recorded as no answer
+                        code, body = -1, {}
+                        code, body = http_json(f"{base}/predictions", {"input": {**inputs, **params}},
+                                               timeout=max(1.0, deadline - time.monotonic()))
+                code = None if code == -1 else code
                 answer = {"request": name, **params, "http_status": code, "status": body.get("status"),
                           "error": body.get("error"), "output_chars": len("".join(body.get("output") or [])),
                           "metrics": body.get("metrics"), "seconds": round(time.perf_counter() - t0, 3)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import threading
 from unittest import mock
@@ -49,10 +50,13 @@ def served(tmp_path_factory):
                                  layers=2, max_position_embeddings=CONTEXT)
     env = {"DSVL2_COMPILE": "1", "COG_MAX_CONCURRENCY": str(SLOTS), "DSVL2_WARMUP_SECONDS": "3000"}
     printed = io.StringIO()
+    logger = logging.getLogger("deepseek_vl2")
+    handlers, level = list(logger.handlers), logger.level
     with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(printed):
         service = Service.start(str(checkpoint))
     yield service, printed.getvalue()
     service.scheduler.close()
+    logger.handlers[:], logger.level = handlers, level  # setup printed the engine's log: stop, for later tests
 
 
 def _prompt(service, words: int, image: bool = False):
@@ -151,3 +155,22 @@ def test_only_the_warm_up_captures_and_a_step_never_compiles_after_it(served, mo
         assert replays() == 1
     assert dynamo_counts() == before, "a step compiled after the warm-up"
     assert engine._eager_fallbacks == {(2, True)}
+
+
+def test_a_failed_capture_leaves_setup_running_un_graphed(served, monkeypatch) -> None:
+    service, _ = served
+    engine = DecodeEngine(service.engine.model, slots=1, max_len=512, compile=True, kv_bucket=256)
+    captured = []
+
+    def capture(rows: int, kv_len: int, full: bool):
+        if captured:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        captured.append((rows, kv_len, full))
+        return RecordedGraph(lambda: ()), ()
+
+    monkeypatch.setattr(engine, "use_graphs", True)
+    monkeypatch.setattr(engine, "_capture", capture)
+    engine.warmup(kv_lens=[256, 512], modes=["greedy"])
+    assert engine.sealed and engine.warmup_summary["graphs"] == 1
+    assert "not permitted" in engine.warmup_summary["capture_error"]
+    assert list(engine._graphs) == [(1, 256, False)]

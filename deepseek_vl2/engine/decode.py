@@ -372,17 +372,18 @@ class DecodeEngine:
                 if self.use_graphs:
                     reserved = torch.cuda.memory_reserved()
                     graphs_started = time.perf_counter()
-                    for mode in modes:
-                        for r in dict.fromkeys(rows):
-                            for kv in kv_lens:
-                                key = (r, kv, mode == "full")
-                                if key in self._graphs:
-                                    continue
-                                if over_budget():
-                                    break
-                                timed(f"rows={r} kv={kv} mode={mode}",
-                                      lambda: self._graphs.__setitem__(key, self._capture(*key)))
-                                summary["graphs"] += 1
+                    buckets = [(r, kv, m == "full") for m in modes for r in dict.fromkeys(rows) for kv in kv_lens]
+                    for key in [b for b in buckets if b not in self._graphs]:
+                        if over_budget():
+                            break
+                        try:  # a capture that fails leaves its bucket (and those after it) un-graphed
+                            timed(f"rows={key[0]} kv={key[1]} mode={MODES[key[2]]}",
+                                  lambda: self._graphs.__setitem__(key, self._capture(*key)))
+                        except Exception as error:  # noqa: BLE001 - setup must not fail on a capture
+                            log.exception("CUDA graph capture of %s failed: un-graphed from here", key)
+                            summary["capture_error"] = f"{type(error).__name__}: {error}"[:500]
+                            break
+                        summary["graphs"] += 1
                     summary["graph_seconds"] = time.perf_counter() - graphs_started
                     summary["graph_memory_mib"] = (torch.cuda.memory_reserved() - reserved) / 2**20
             finally:
