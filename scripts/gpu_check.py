@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -344,6 +345,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = [s for s, r in check.report.items() if s != "meta" and (r.get("error") or r.get("timed_out")
                                                                      or r.get("exit_code") not in (None, 0))]
     check.emit("check", "done", failed=failed, seconds=round(time.monotonic() - check.started, 1))
+    shutil.rmtree(check.work, ignore_errors=True)  # its logs are in logs.tar.gz
     return 1 if failed else 0
 
 
