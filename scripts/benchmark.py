@@ -6,11 +6,19 @@ The model is random weights of a variant's real shape drawn directly on the devi
 (``--random-weights``, the default; ``scripts/random_model.py``; ``--layers`` / ``--vision-layers``
 shorten it for CPU runs, ``--size reduced`` makes it tiny for smoke runs), or ``--checkpoint DIR``
 (then setup is timed against a plain read of the weight files). One model serves every mode: each
-mode is a ``Generator`` over it (``compile=False`` / ``compile=True``). Every request goes through
+mode is a ``Generator`` over it: ``eager``, ``compiled`` (``torch.compile``, CUDA graphs on CUDA) or
+``graphs`` (the eager step replayed as CUDA graphs: the GPU check's rung when compiling fails). A
+mode that fails (a compiler missing, say) is dropped with a ``mode_failed`` line; the other modes
+go on. Every request goes through
 ``Generator.stream`` with ``SamplingParams(temperature=0, ignore_eos=True)``, so it produces
 exactly ``--new-tokens`` tokens; the figures come from ``Generator.last_stats``: TTFT from the start
 of the request (embedding, vision tower, prefill) to the first token id on the host, decode speed
-(new − 1) / (total − TTFT). Processor time is reported separately.
+(new − 1) / (total − TTFT). Processor time is reported separately. One sampled request per mode
+(temperature 0.7, top_p 0.9) gives the ``sampled`` figures (the full sampler in the step).
+
+``--jsonl FILE`` appends one JSON line per figure as soon as it is measured (a run stopped at a
+time limit keeps what it had): events ``setup``, ``warmup``, ``run``, ``sampled``, ``row``,
+``mode_failed`` and ``done``.
 
     python scripts/benchmark.py --variant tiny --layers 6 --vision-layers 2 --dtype bfloat16 \\
         --threads 2 --image 300x200 --prompt-tokens 440 --new-tokens 128 --repeats 2
@@ -37,7 +45,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as ``python scripts/benchmark.py``
     sys.path.insert(0, str(REPO_ROOT))
 
-from deepseek_vl2.engine.decode import batch_buckets  # noqa: E402
 from deepseek_vl2.engine.generation import DEFAULT_PREFILL_CHUNK, Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs  # noqa: E402
@@ -51,7 +58,7 @@ from scripts.bench_figures import (  # noqa: E402
 from scripts.random_model import build_random_model  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "graphs")
 QUANTIZE = ("none", "int8", "fp8")
 DEFAULT_PROMPT = "Describe this image in detail."
 ROW_KEYS = ("decode", "ttft", "e2e_1428", "e2e_demo", "concurrency", "setup", "memory")
@@ -94,8 +101,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--modes", type=lambda t: parse_list(t, MODES), default=list(MODES),
-                        help="decode paths to compare, alternating (default eager,compiled)")
+    parser.add_argument("--modes", type=lambda t: parse_list(t, MODES), default=["eager", "compiled"],
+                        help="decode paths to compare, alternating (default eager,compiled; graphs: eager + "
+                             "CUDA graphs, CUDA only)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per mode, alternating (default 2)")
     parser.add_argument("--image", type=parse_image_size, default=(300, 200), metavar="WxH",
                         help="synthetic image size (300x200 = global view + 1 tile), or none")
@@ -115,7 +123,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="scale the target rows' new-token counts (smoke runs)")
     parser.add_argument("--quantize", type=lambda t: parse_list(t, QUANTIZE), default=["none"],
                         help="expert weight formats, comma-separated (several: 'none' first, alternated)")
+    parser.add_argument("--sampled", choices=("warmed", "unwarmed", "off"), default="warmed",
+                        help="the sampled request: its full step warmed first (a compile per compiled mode), "
+                             "unwarmed (runs the eager full step after the greedy warm-up: no compile), or off")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--jsonl", type=Path, help="append one JSON line per figure to this file as it is measured")
     args = parser.parse_args(argv)
     if len(args.quantize) > 1 and args.quantize[0] != "none":
         parser.error("--quantize with several formats must start with none (the others are quantized from it)")
@@ -124,8 +136,42 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     args.device = torch.device(args.device)
+    if "graphs" in args.modes and args.device.type != "cuda":
+        parser.error("--modes graphs needs a CUDA device")
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args
+
+
+# ----------------------------------------------------------------------------- JSON lines
+class Events:
+    """Appends one JSON line per measured figure to a file (nothing without a path)."""
+
+    def __init__(self, path: Optional[Path]) -> None:
+        self.path = path
+        self.fields: dict[str, Any] = {}  # added to every line (source, variant)
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        """Append ``{"event": event, **fields}`` and flush it to disk now."""
+        if self.path is None:
+            return
+        with open(self.path, "a") as handle:
+            line = {"event": event, "time": round(time.time(), 2), **self.fields, **fields}
+            handle.write(json.dumps(line, default=str) + "\n")
+
+
+EMIT = Events(None)
+
+
+def guarded(generators: dict[str, "Generator"], mode: str, where: str, work: Any) -> Any:
+    """``work()``; when it raises, drop ``mode`` from ``generators`` (the other modes go on), say
+    so in a ``mode_failed`` line and return None."""
+    try:
+        return work()
+    except Exception as error:  # noqa: BLE001 - one mode's failure (a missing compiler, say) must not lose the rest
+        generators.pop(mode, None)
+        EMIT("mode_failed", mode=mode, where=where, error=f"{type(error).__name__}: {error}"[:2000])
+        print(f"mode {mode} failed in {where}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return None
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -164,9 +210,15 @@ def make_generators(model: DeepseekVL2, processor: DeepseekVL2Processor, args: a
     """One Generator per mode over the same model, each with its own persistent decode state; with
     several --quantize formats, also one per mode over an 8-bit copy (named "MODE+FORMAT")."""
     models = {"": model, **{f"+{fmt}": quantize_experts(copy.deepcopy(model), fmt) for fmt in args.quantize[1:]}}
-    return {mode + suffix: Generator(each, processor, args.prefill_chunk, compile=mode == "compiled",
-                                     max_batch=max_batch, max_len=args.max_len)
-            for suffix, each in models.items() for mode in args.modes}
+    generators = {}
+    for suffix, each in models.items():
+        for mode in args.modes:
+            generator = Generator(each, processor, args.prefill_chunk, compile=mode == "compiled",
+                                  max_batch=max_batch, max_len=args.max_len)
+            if mode == "graphs":
+                generator.engine.use_graphs = True
+            generators[mode + suffix] = generator
+    return generators
 
 
 def prepared(generator: Generator, prompt: str, image: Optional[Image.Image],
@@ -184,9 +236,15 @@ def prepared(generator: Generator, prompt: str, image: Optional[Image.Image],
 
 
 # ----------------------------------------------------------------------------- one request
-def run_request(generator: Generator, inputs: ProcessedInputs, new_tokens: int) -> dict[str, float]:
-    """Generate exactly ``new_tokens`` greedy tokens (eos ignored) through ``Generator.stream``."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True, stop=())
+SAMPLED = dict(temperature=0.7, top_p=0.9, seed=0)  # the sampled request's parameters
+
+
+def run_request(generator: Generator, inputs: ProcessedInputs, new_tokens: int, sampled: bool = False
+                ) -> dict[str, float]:
+    """Generate exactly ``new_tokens`` tokens (eos ignored) through ``Generator.stream``: greedy, or
+    sampled with :data:`SAMPLED`."""
+    params = SamplingParams(**(SAMPLED if sampled else dict(temperature=0.0)), max_new_tokens=new_tokens,
+                            ignore_eos=True, stop=())
     for _ in generator.stream(inputs, params):
         pass
     stats = generator.last_stats
@@ -199,13 +257,35 @@ def run_request(generator: Generator, inputs: ProcessedInputs, new_tokens: int) 
 
 def alternate(generators: dict[str, Generator], inputs: ProcessedInputs, new_tokens: int,
               repeats: int) -> dict[str, list[dict[str, float]]]:
-    """One warm-up request per mode, then ``repeats`` rounds of one timed request per mode."""
-    for generator in generators.values():
-        run_request(generator, inputs, min(new_tokens, 4))
+    """One warm-up request per mode, then ``repeats`` rounds of one timed request per mode (a
+    mode that fails is dropped; each timed run is a ``run`` line)."""
+    for mode, generator in list(generators.items()):
+        guarded(generators, mode, "warm-up request", lambda: run_request(generator, inputs, min(new_tokens, 4)))
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in generators}
     for _ in range(repeats):
-        for mode, generator in generators.items():
-            runs[mode].append(run_request(generator, inputs, new_tokens))
+        for mode, generator in list(generators.items()):
+            run = guarded(generators, mode, "timed request", lambda: run_request(generator, inputs, new_tokens))
+            if run is None:
+                runs.pop(mode, None)
+                continue
+            runs[mode].append(run)
+            EMIT("run", mode=mode, prompt_tokens=int(inputs.input_ids.numel()), new_tokens=new_tokens, **run)
+    return runs
+
+
+def sampled_runs(generators: dict[str, Generator], inputs: ProcessedInputs, new_tokens: int, warm: bool = True
+                 ) -> dict[str, dict]:
+    """One sampled request per mode (the full sampler: sort over the vocabulary in the step), after
+    warming that mode's full step for its KV buckets when ``warm``; ``sampled`` lines."""
+    prompt_tokens = int(inputs.input_ids.numel())
+    if warm:
+        warm_compiled(generators, prompt_tokens, new_tokens, modes=("full",))
+    runs = {}
+    for mode, generator in list(generators.items()):
+        run = guarded(generators, mode, "sampled request", lambda: run_request(generator, inputs, new_tokens, True))
+        if run is not None:
+            runs[mode] = run
+            EMIT("sampled", mode=mode, prompt_tokens=prompt_tokens, new_tokens=new_tokens, **SAMPLED, **run)
     return runs
 
 
@@ -215,19 +295,24 @@ def median_of(runs: list[dict[str, float]], key: str) -> float:
 
 
 def warm_compiled(generators: dict[str, Generator], prompt_tokens: int, new_tokens: int, rows: Sequence[int] = (1,),
-                  max_seconds: Optional[float] = None) -> dict[str, float]:
-    """Compile (and on CUDA capture) the compiled generator's greedy step for each batch bucket in
-    ``rows`` and every KV bucket a request of ``prompt_tokens`` + ``new_tokens`` passes; seconds per mode."""
+                  max_seconds: Optional[float] = None, modes: Sequence[str] = ("greedy",)) -> dict[str, float]:
+    """Compile and/or capture (compiled and graphs modes) the step in ``modes`` for each batch bucket
+    in ``rows`` and every KV bucket a request of ``prompt_tokens`` + ``new_tokens`` passes (a step
+    never compiles or captures after a warm-up: what is not warmed runs un-graphed); seconds per mode."""
     seconds = {}
-    for mode, generator in generators.items():
-        if mode.startswith("compiled"):
+    for mode, generator in list(generators.items()):
+        if mode.split("+")[0] in ("compiled", "graphs"):
             bucket = generator.kv_bucket
             first = (prompt_tokens // bucket + 1) * bucket
             last = min(-(-(prompt_tokens + new_tokens) // bucket) * bucket, generator.engine.max_len)
             start = time.perf_counter()
-            generator.warmup(rows=list(rows), kv_lens=list(range(first, last + 1, bucket)) or [last],
-                             modes=("greedy",), max_seconds=max_seconds)
-            seconds[mode] = time.perf_counter() - start
+            kv_lens = list(range(first, last + 1, bucket)) or [last]
+            done = guarded(generators, mode, "warm-up", lambda: generator.warmup(
+                rows=list(rows), kv_lens=kv_lens, modes=tuple(modes), max_seconds=max_seconds))
+            if done is not None:
+                seconds[mode] = time.perf_counter() - start
+                EMIT("warmup", mode=mode, warmup_seconds=seconds[mode], rows=list(rows), kv_lens=kv_lens, step_modes=list(modes),
+                     **generator.engine.warmup_summary)
     return seconds
 
 
@@ -273,7 +358,7 @@ def run_concurrent(generator: Generator, inputs: ProcessedInputs, level: int, ne
 
 
 # ----------------------------------------------------------------------------- target rows
-TARGETS = {  # the GPU target table: batch 1, bfloat16, one H100/H200
+TARGETS = {  # the GPU target table (docs/benchmark.md), batch 1, bfloat16, one H100/H200
     "decode": {"tiny": 300.0, "small": 150.0, "base": 100.0},
     "ttft": {"tiny": 0.080, "base": 0.200},
     "e2e_1428": {"small": 1.2},
@@ -298,6 +383,7 @@ def target_rows(model: DeepseekVL2, generators: dict[str, Generator], args: argp
     def row(key: str, label: str, unit: str, better: str, values: dict[str, Any], **extra: Any) -> None:
         rows.append({"key": key, "row": label, "unit": unit, "target": TARGETS[key].get(variant),
                      "better": better, "values": values, **extra})
+        EMIT("row", **rows[-1])
 
     wanted = set(args.rows)
     decode = {m: median_of(r, "decode_tokens_per_second") for m, r in main_runs.items()}
@@ -332,12 +418,16 @@ def target_rows(model: DeepseekVL2, generators: dict[str, Generator], args: argp
         inputs, _ = prepared(first, DEFAULT_PROMPT, synthetic_image(300, 200))
         new = max(2, int(128 * scale))
         ratio, detail = {}, {}
-        warm_compiled(generators, int(inputs.input_ids.numel()), new, rows=batch_buckets(args.concurrency))
-        for mode, generator in generators.items():
-            one = run_concurrent(generator, inputs, 1, new)
-            many = run_concurrent(generator, inputs, args.concurrency, new)
-            ratio[mode] = many["aggregate_tokens_per_second"] / one["aggregate_tokens_per_second"]
-            detail[mode] = {"one": one, "many": many}
+        # rows 1 and the full batch only (2 compiles, not one per bucket): the ramp-up through the
+        # buckets between runs their un-warmed step (eager, never compiling)
+        warm_compiled(generators, int(inputs.input_ids.numel()), new, rows=sorted({1, args.concurrency}))
+        for mode, generator in list(generators.items()):
+            pair = guarded(generators, mode, "concurrency", lambda: (
+                run_concurrent(generator, inputs, 1, new), run_concurrent(generator, inputs, args.concurrency, new)))
+            if pair is not None:
+                one, many = pair
+                ratio[mode] = many["aggregate_tokens_per_second"] / one["aggregate_tokens_per_second"]
+                detail[mode] = {"one": one, "many": many}
         row("concurrency", f"{args.concurrency} concurrent requests: aggregate tokens/s ÷ one request's "
             f"({new} new tokens each, {variant})", "x", "higher", ratio, detail=detail)
 
@@ -347,12 +437,12 @@ def target_rows(model: DeepseekVL2, generators: dict[str, Generator], args: argp
 
     if "memory" in wanted:
         memory = {}
-        for mode, generator in generators.items():
-            limit = generator.token_limit
+        limit = first.token_limit
+        for mode, generator in list(generators.items()):
             inputs, _ = prepared(generator, DEFAULT_PROMPT, synthetic_image(700, 500), limit - 8)
             reset_peak_memory(args.device)
-            run_request(generator, inputs, 2)
-            memory[mode] = peak_memory_bytes(args.device) / 1e9
+            if guarded(generators, mode, "memory", lambda: run_request(generator, inputs, 2)) is not None:
+                memory[mode] = peak_memory_bytes(args.device) / 1e9
         row("memory", f"peak memory, {limit}-token context, chunked prefill ({args.prefill_chunk}) ({variant}; "
             f"{'CUDA max allocated' if args.device.type == 'cuda' else 'process peak RSS'})", "GB", "lower", memory)
     return rows
@@ -369,6 +459,8 @@ def device_description(device: torch.device) -> str:
 def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
     """Every measurement of one run: the text report and the JSON-ready results."""
     model, processor, setup = load(args)
+    EMIT("setup", variant=args.variant, size=args.size, dtype=args.dtype, device=str(args.device),
+         machine=device_description(args.device), torch=torch.__version__, modes=list(args.modes), **setup)
     max_batch = args.concurrency if args.target_rows and "concurrency" in args.rows else 1
     generators = make_generators(model, processor, args, max_batch)
     first = next(iter(generators.values()))
@@ -376,6 +468,7 @@ def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
     inputs, prepare_s = prepared(first, args.prompt, image, args.prompt_tokens)
     warm = warm_compiled(generators, int(inputs.input_ids.numel()), args.new_tokens, max_seconds=args.warmup_seconds)
     runs = alternate(generators, inputs, args.new_tokens, args.repeats)
+    sampled = sampled_runs(generators, inputs, args.new_tokens, args.sampled == "warmed") if args.sampled != "off" else {}
     context = inputs.input_ids.numel() + args.new_tokens / 2
     peak = peak_bandwidth_gbs(args.device, args.peak_bandwidth_gbs)
 
@@ -404,11 +497,15 @@ def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
         report.add(f"{mode}_bandwidth_fraction", f"{mode}: fraction of the bandwidth bound",
                    figures["bandwidth_fraction"], "" if peak else "(GPU only)")
     for fmt in args.quantize[1:]:
-        for mode in args.modes:
+        for mode in [m for m in args.modes if m in runs and f"{m}+{fmt}" in runs]:  # a failed mode is dropped
             report.add(f"{mode}_{fmt}_over_{args.quantize[0]}_decode", f"{mode}: {fmt} ÷ {args.quantize[0]} decode (medians)",
                        median_of(runs[f"{mode}+{fmt}"], "decode_tokens_per_second")
                        / median_of(runs[mode], "decode_tokens_per_second"), "x")
-    if set(MODES) <= set(runs):
+    for mode, run in sampled.items():
+        report.add(f"{mode}_sampled_decode_tokens_per_second", f"{mode}: decode speed, sampled (temperature "
+                   f"{SAMPLED['temperature']}, top_p {SAMPLED['top_p']})", round(run["decode_tokens_per_second"], 2),
+                   "tokens/s")
+    if {"eager", "compiled"} <= set(runs):
         report.add("compiled_over_eager_decode", "compiled ÷ eager decode (medians)",
                    median_of(runs["compiled"], "decode_tokens_per_second") / median_of(runs["eager"], "decode_tokens_per_second"), "x")
         report.add("compiled_over_eager_ttft", "compiled ÷ eager TTFT (medians)",
@@ -420,7 +517,9 @@ def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
             shown = ", ".join(f"{m} {Report.format(v)}" for m, v in row["values"].items()) if not row.get("note") else row["note"]
             target = f" (target {'≥' if row['better'] == 'higher' else '≤'} {row['target']})" if row["target"] else ""
             report.add(f"row_{row['key']}", row["row"], shown, row["unit"] + target)
-    results = {"peak_bandwidth_gbs": peak, "runs": runs, "warmup_seconds": warm, "target_rows": rows}
+    results = {"peak_bandwidth_gbs": peak, "runs": runs, "sampled": sampled, "warmup_seconds": warm,
+               "target_rows": rows, "modes_measured": list(generators)}
+    EMIT("done", modes_measured=list(generators))
     return report, results
 
 
@@ -429,6 +528,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    EMIT.path = args.jsonl
+    EMIT.fields = {"source": "benchmark", "variant": args.variant}
     report, results = benchmark(args)
     if args.json:
         command = ["scripts/benchmark.py", *(argv if argv is not None else sys.argv[1:])]

@@ -14,6 +14,10 @@ Typical use in a test module::
 
 When the directory is absent the ``*_params`` helpers return one parameter set marked skip, with a
 reason that names DSVL2_REFERENCE_DIR.
+
+pytest is imported only by the pytest helpers (``requires_reference`` and the ``*_params``
+functions), so scripts that use the discovery and loading functions (the GPU check, the bf16
+drift script) run where pytest is not installed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -61,7 +64,14 @@ def skip_reason() -> str:
     )
 
 
-requires_reference = pytest.mark.skipif(not reference_available(), reason=skip_reason())
+def __getattr__(name: str) -> Any:
+    """``requires_reference``: a pytest skip mark (made on first use, so that importing this module
+    needs no pytest)."""
+    if name == "requires_reference":
+        import pytest
+
+        return pytest.mark.skipif(not reference_available(), reason=skip_reason())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def config_names() -> list[str]:
@@ -111,12 +121,16 @@ test_device.__test__ = False  # a helper, not a pytest test
 
 
 def _unavailable_param(n_args: int) -> list[Any]:
+    import pytest
+
     values = (None,) * n_args
     return [pytest.param(*values, id="no-reference", marks=pytest.mark.skip(reason=skip_reason()))]
 
 
 def config_params() -> list[Any]:
     """pytest parameters over configs (ids = config names)."""
+    import pytest
+
     if not reference_available():
         return _unavailable_param(1)
     return [pytest.param(config, id=config) for config in config_names()]
@@ -124,6 +138,8 @@ def config_params() -> list[Any]:
 
 def case_params() -> list[Any]:
     """pytest parameters over processor cases (ids = case names)."""
+    import pytest
+
     if not reference_available():
         return _unavailable_param(1)
     return [pytest.param(case, id=case) for case in case_names()]
@@ -135,6 +151,8 @@ def config_case_params(require_outputs: bool = False) -> list[Any]:
     With `require_outputs`, a pair whose outputs/<config>/<case> files are missing is kept but
     marked skip (so a gap in the fixture set is visible, not silently dropped).
     """
+    import pytest
+
     if not reference_available():
         return _unavailable_param(2)
     params = []

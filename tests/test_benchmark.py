@@ -134,3 +134,33 @@ def test_target_rows_run_every_workload(capsys) -> None:
     assert rows["setup"]["note"].startswith("n/a")
     context = int(re.search(r"(\d+)-token context", rows["memory"]["row"]).group(1))
     assert context == 4096 and rows["memory"]["values"]["eager"] > 0
+
+
+def test_json_lines_come_as_measured_and_a_failing_mode_drops_alone(capsys, tmp_path, monkeypatch) -> None:
+    """--jsonl: one line per figure, written as measured (setup, runs, the sampled request, rows,
+    done); a mode that fails (here the compiled warm-up, as when no C compiler is found) is
+    dropped with a mode_failed line while eager still measures everything."""
+    from deepseek_vl2.engine.decode import DecodeEngine
+
+    original = DecodeEngine.warmup
+
+    def warmup(self, *args, **kwargs):
+        if self.compiled:
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DecodeEngine, "warmup", warmup)
+    lines = tmp_path / "bench.jsonl"
+    result = run_json(capsys, [*SMOKE[:-4], "--modes", "eager,compiled", "--threads", "1", "--new-tokens", "3",
+                               "--repeats", "1", "--target-rows", "--rows", "decode", "--jsonl", str(lines)])
+    events = [json.loads(line) for line in lines.read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "setup" and kinds[-1] == "done"
+    failed = [e for e in events if e["event"] == "mode_failed"]
+    assert [(e["mode"], e["where"]) for e in failed] == [("compiled", "warm-up")] and "Cxx" in failed[0]["error"]
+    assert [e["mode"] for e in events if e["event"] in ("run", "sampled")] == ["eager", "eager"]
+    sampled = next(e for e in events if e["event"] == "sampled")
+    assert (sampled["temperature"], sampled["top_p"], sampled["new_tokens"]) == (0.7, 0.9, 3)
+    assert sampled["decode_tokens_per_second"] > 0
+    assert result["modes_measured"] == ["eager"] and set(result["target_rows"][0]["values"]) == {"eager"}
+    assert [e["key"] for e in events if e["event"] == "row"] == ["decode"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+import types
 
 import pytest
 import torch
@@ -230,3 +231,31 @@ def test_vision_tower_uses_fused_attention_on_all_tiles_in_one_batch() -> None:
     finally:
         hook.remove()
     assert batches == [inputs.images.shape[0]] == [7]
+
+
+def test_a_bounded_dynamic_dimension_fails_on_a_shape_guard_and_the_engine_sets_no_bounds() -> None:
+    """``mark_dynamic(min=, max=)`` turns any guard on the dimension (an attention backend's
+    ``% 8`` choice, say) into ConstraintViolationError; without bounds the same guard compiles.
+    So the decode engine marks kv_len dynamic without bounds."""
+    from torch._dynamo.exc import UserError
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[0] % 8 == 0 else x + 1
+
+    torch._dynamo.reset()
+    bounded = torch.arange(256.0)
+    torch._dynamo.mark_dynamic(bounded, 0, min=2, max=4096)
+    with pytest.raises((ConstraintViolationError, UserError)):
+        torch.compile(step, fullgraph=True)(bounded)
+    torch._dynamo.reset()
+    plain = torch.arange(256.0)
+    torch._dynamo.mark_dynamic(plain, 0)
+    assert torch.equal(torch.compile(step, fullgraph=True)(plain), plain * 2)
+    from deepseek_vl2.engine.decode import DecodeEngine
+
+    engine = DecodeEngine.__new__(DecodeEngine)
+    engine.compiled, engine.state = True, types.SimpleNamespace(key_positions=torch.arange(512))
+    view = engine._key_positions(256)
+    assert 0 in view._dynamo_dynamic_indices
+    assert all(r.min is None and r.max is None for r in getattr(view, "_dynamo_dynamic_range", set()))

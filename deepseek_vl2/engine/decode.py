@@ -17,10 +17,20 @@ tokens, positions and seen marks back into the state. Inactive rows compute at t
 position and change nothing, so any subset of slots can step together and a step with no
 active row is a harmless warm-up. The only value the host reads is the new token ids.
 
-:class:`DecodeEngine` runs that step eagerly, or through ``torch.compile(fullgraph=True)`` (one
-compiled function per (rows, mode); ``kv_len`` is a dynamic dimension, so KV buckets do not
-recompile) and, on CUDA, replays it as one CUDA graph per (rows, kv_len, mode), captured on the
-first use of that bucket or in :meth:`DecodeEngine.warmup`.
+:class:`DecodeEngine` runs that step eagerly, or through ``torch.compile(fullgraph=True)``, and
+on CUDA replays it as CUDA graphs. The compile and capture rules (docs/engine.md):
+
+* one compiled function per (rows bucket, mode): the rows buckets are :func:`batch_buckets`
+  (1, 2, 4, 8 for 8 slots), the modes ``full`` (the whole sampler) and ``greedy``; ``kv_len`` is
+  a dynamic dimension (``mark_dynamic`` without bounds), so KV buckets never recompile;
+* :meth:`DecodeEngine.warmup` (setup) compiles every (rows, mode), the ``full`` mode first (the
+  default request samples), then on CUDA captures one graph per (rows, kv_len, mode) while no
+  other thread runs, within a time budget, logging the compile count per mode, the graphs,
+  their seconds and memory;
+* after a warm-up the engine is sealed: a step never compiles and never captures. A bucket whose
+  graph was not captured runs its compiled function un-graphed; a (rows, mode) that was not
+  compiled runs eagerly. Before any warm-up (tests, scripts) a step compiles on first use but
+  still never captures: only :meth:`DecodeEngine.warmup` captures.
 """
 from __future__ import annotations
 
@@ -36,11 +46,13 @@ import torch
 
 from deepseek_vl2.model.kv_cache import KVCache
 from deepseek_vl2.model.multimodal import DeepseekVL2
+from deepseek_vl2.model.rope import place_rotary_tables
 from .sampling import RowColumns, SamplingParams, choose_tokens, draw_uniforms, needs_processing
 
 log = logging.getLogger(__name__)
 
 MODES = ("greedy", "full")  # greedy: plain argmax of the raw logits; full: the whole sampler
+WARMUP_MODES = ("full", "greedy")  # the default request (temperature 0.1) samples: its mode is ready first
 
 
 class SlotsExhaustedError(RuntimeError):
@@ -132,7 +144,12 @@ class DecodeEngine:
         self.model = model
         self.compiled = compile
         self.kv_bucket = kv_bucket
+        # CUDA graphs: for a compiled step on CUDA; a caller may set it for the eager step before warmup()
         self.use_graphs = compile and model.device.type == "cuda"
+        self.sealed = False  # set by warmup(): from then on a step never compiles
+        self.warmup_summary: dict[str, object] = {}
+        if compile:  # before any trace: the rotary tables live on the device, no trace writes them
+            place_rotary_tables(model, model.device)
         self._lock = threading.RLock()
         self._allocate(slots, max_len)
 
@@ -141,8 +158,9 @@ class DecodeEngine:
         self.state = DecodeState.allocate(self.model, slots, max_len)
         self._functions: dict[tuple[int, bool], Callable] = {}
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._graph_pool = None  # made at the first capture
         self._active_slots: Optional[frozenset[int]] = None
+        self._eager_fallbacks: set[tuple[int, bool]] = set()
         log.info("decode state: %d slot(s) x %d tokens, %.0f MiB on %s, allocated in %.2f s", slots, max_len,
                  self.state.nbytes() / 2**20, self.model.device, time.perf_counter() - started)
 
@@ -208,36 +226,54 @@ class DecodeEngine:
         kv_len = min(self.max_len, -(-needed // self.kv_bucket) * self.kv_bucket)
         return rows, kv_len
 
-    def _function(self, rows: int, full: bool) -> Callable:
+    def _compiled_function(self, rows: int, full: bool) -> Callable:
+        """The compiled step of (rows, mode), made on first use (it compiles at its first call)."""
         key = (rows, full)
         if key not in self._functions:
-            step = decode_step
-            if self.compiled:  # a private copy of the code: Dynamo keeps one cache (and recompile limit) per code object
-                step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__,
-                                          f"decode_step_rows{rows}_{MODES[full]}")
-            fn = partial(step, self.model, self.state, rows=rows, full=full)
-            self._functions[key] = torch.compile(fn, fullgraph=True, dynamic=None) if self.compiled else fn
+            # A private copy of the code, compiled itself: Dynamo keeps one cache (and recompile
+            # limit, 8) per code object. (Compiling a functools.partial instead compiles one shared
+            # wrapper: every (rows, mode) lands in the same cache and the ninth runs eagerly.)
+            step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__,
+                                      f"decode_step_rows{rows}_{MODES[full]}")
+            compiled = torch.compile(step, fullgraph=True, dynamic=None)
+            model, state = self.model, self.state
+            self._functions[key] = lambda key_positions: compiled(model, state, key_positions, rows=rows, full=full)
         return self._functions[key]
+
+    def _step_function(self, rows: int, full: bool) -> Callable:
+        """What a step of (rows, mode) runs outside a CUDA graph: the compiled function, or the eager
+        step when compiling is off or the engine is sealed and this (rows, mode) was not compiled."""
+        if self.compiled and ((rows, full) in self._functions or not self.sealed):
+            return self._compiled_function(rows, full)
+        if self.compiled and (rows, full) not in self._eager_fallbacks:
+            self._eager_fallbacks.add((rows, full))
+            log.warning("decode rows=%d mode=%s was not compiled in the warm-up: it runs eagerly", rows, MODES[full])
+        return partial(decode_step, self.model, self.state, rows=rows, full=full)
 
     def _key_positions(self, kv_len: int) -> torch.Tensor:
         view = self.state.key_positions[:kv_len]
-        if self.compiled:
-            torch._dynamo.mark_dynamic(view, 0, min=2, max=self.max_len)
+        if self.compiled:  # no min/max: bounds turn any shape guard a backend adds into an error
+            torch._dynamo.mark_dynamic(view, 0)
         return view
 
     def _run(self, rows: int, kv_len: int, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.use_graphs:
-            return self._function(rows, full)(self._key_positions(kv_len))
-        key = (rows, kv_len, full)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(rows, kv_len, full)
-        graph, outputs = self._graphs[key]
+        """One step: the captured graph of (rows, kv_len, mode) if there is one, else the step
+        function un-graphed. Never captures (only :meth:`warmup` does)."""
+        captured = self._graphs.get((rows, kv_len, full))
+        if captured is None:
+            return self._step_function(rows, full)(self._key_positions(kv_len))
+        graph, outputs = captured
         graph.replay()
         return outputs
 
     def _capture(self, rows: int, kv_len: int, full: bool) -> tuple[torch.cuda.CUDAGraph, tuple]:
-        """Warm the compiled step up on a side stream with no row active, then capture it."""
-        fn = self._function(rows, full)
+        """Warm the step (compiled, or eager) up on a side stream with no row active, then capture it.
+
+        Only :meth:`warmup` calls this, in setup, when no other thread uses the device; the
+        thread-local capture mode also keeps another thread's allocation from failing a capture.
+        """
+        fn = self._step_function(rows, full)
+        self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
         saved = self.state.active.clone()
         self.state.active.zero_()
         stream = torch.cuda.Stream()
@@ -247,7 +283,7 @@ class DecodeEngine:
                 fn(self._key_positions(kv_len))
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             outputs = fn(self._key_positions(kv_len))
         self.state.active.copy_(saved)
         return graph, outputs
@@ -276,38 +312,93 @@ class DecodeEngine:
             return self._run(rows, kv_len, needs_processing(params))
 
     # ----------------------------------------------------------------------------- warm-up
-    def warmup(self, rows: Optional[Sequence[int]] = None, kv_lens: Optional[Sequence[int]] = None,
-               modes: Sequence[str] = MODES, max_seconds: Optional[float] = None) -> dict[str, float]:
-        """Compile (and on CUDA capture) the step for every (rows, kv_len, mode) bucket given.
+    def kv_buckets(self) -> list[int]:
+        """Every ``kv_len`` a step can have: multiples of ``kv_bucket`` up to ``max_len`` (the last
+        one clipped to it)."""
+        return sorted({min(kv, self.max_len) for kv in range(self.kv_bucket, self.max_len + self.kv_bucket,
+                                                             self.kv_bucket)})
 
-        Defaults: every batch bucket, every KV bucket, both modes. Stops starting new buckets
-        once ``max_seconds`` have passed (the rest compile on first use). Returns seconds per
-        bucket, keyed "rows=R kv=K mode=M", and logs each. No request's state changes.
+    def warmup(self, rows: Optional[Sequence[int]] = None, kv_lens: Optional[Sequence[int]] = None,
+               modes: Sequence[str] = WARMUP_MODES, max_seconds: Optional[float] = None) -> dict[str, float]:
+        """Compile every (rows, mode) given, then on CUDA capture every (rows, kv_len, mode) graph;
+        seals the engine (see the module docstring).
+
+        Defaults: every batch bucket, every KV bucket, the ``full`` mode before ``greedy``. Stops
+        starting new work once ``max_seconds`` have passed (a compile under way is not cut short);
+        what was not reached runs un-graphed, or eagerly if not compiled, never compiling later.
+        Returns seconds per bucket, keyed "rows=R kv=K mode=M"; :attr:`warmup_summary` holds the
+        compile count per mode, the graphs captured, their seconds and memory, all logged. Setup
+        only: no other thread may use the device meanwhile. No request's state changes.
         """
-        rows = list(rows or batch_buckets(self.slots))
-        kv_lens = list(kv_lens or range(self.kv_bucket, self.max_len + self.kv_bucket, self.kv_bucket))
+        rows = [min(r, self.slots) for r in (rows or batch_buckets(self.slots))]
+        kv_lens = [min(kv, self.max_len) for kv in (kv_lens or self.kv_buckets())]
+        modes = [m for m in WARMUP_MODES if m in modes] + [m for m in modes if m not in WARMUP_MODES]
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        summary = {"compiles": {}, "compile_seconds": {}, "graphs": 0, "graph_seconds": 0.0, "graph_memory_mib": 0.0,
+                   "stopped_by_budget": False}
+
+        def over_budget() -> bool:
+            if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                summary["stopped_by_budget"] = True
+                return True
+            return False
+
+        def timed(key: str, work: Callable[[], object]) -> float:
+            t0 = time.perf_counter()
+            work()
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize()
+            timings[key] = seconds = time.perf_counter() - t0
+            log.info("warm-up %s: %.2f s", key, seconds)
+            return seconds
+
+        from torch._dynamo.utils import counters  # Dynamo's own count of the graphs it compiled
+
         with self._lock, torch.inference_mode():
             saved = self.state.active.clone()
             self.state.active.zero_()
             self._active_slots = None
+            self.sealed = False  # the warm-up itself may compile
             try:
+                # 1. compile (or, eager, run) each (rows, mode): every kv_len without graphs, the first with them
                 for mode in modes:
-                    for r in rows:
-                        for kv in kv_lens:
-                            if max_seconds is not None and time.perf_counter() - started > max_seconds:
-                                log.info("warm-up stopped after %.1f s (limit %.1f s)", time.perf_counter() - started,
-                                         max_seconds)
-                                return timings
-                            t0 = time.perf_counter()
-                            self._run(min(r, self.slots), min(kv, self.max_len), mode == "full")
-                            if self.model.device.type == "cuda":
-                                torch.cuda.synchronize()
-                            timings[f"rows={r} kv={kv} mode={mode}"] = seconds = time.perf_counter() - t0
-                            log.info("warm-up rows=%d kv_len=%d mode=%s: %.2f s", r, kv, mode, seconds)
+                    graphs_before = counters["stats"]["unique_graphs"]
+                    for r in dict.fromkeys(rows):
+                        for kv in (kv_lens[:1] if self.use_graphs else kv_lens):
+                            if over_budget():
+                                break
+                            seconds = timed(f"rows={r} kv={kv} mode={mode}",
+                                            partial(self._step_function(r, mode == "full"), self._key_positions(kv)))
+                            summary["compile_seconds"][mode] = summary["compile_seconds"].get(mode, 0.0) + seconds
+                    summary["compiles"][mode] = counters["stats"]["unique_graphs"] - graphs_before
+                # 2. on CUDA, capture every graph a step can reach
+                if self.use_graphs:
+                    reserved = torch.cuda.memory_reserved()
+                    graphs_started = time.perf_counter()
+                    buckets = [(r, kv, m == "full") for m in modes for r in dict.fromkeys(rows) for kv in kv_lens]
+                    for key in [b for b in buckets if b not in self._graphs]:
+                        if over_budget():
+                            break
+                        try:  # a capture that fails leaves its bucket (and those after it) un-graphed
+                            timed(f"rows={key[0]} kv={key[1]} mode={MODES[key[2]]}",
+                                  lambda: self._graphs.__setitem__(key, self._capture(*key)))
+                        except Exception as error:  # noqa: BLE001 - setup must not fail on a capture
+                            log.exception("CUDA graph capture of %s failed: un-graphed from here", key)
+                            summary["capture_error"] = f"{type(error).__name__}: {error}"[:500]
+                            break
+                        summary["graphs"] += 1
+                    summary["graph_seconds"] = time.perf_counter() - graphs_started
+                    summary["graph_memory_mib"] = (torch.cuda.memory_reserved() - reserved) / 2**20
             finally:
+                self.sealed = True  # whatever was sealed before: a warm-up seals
                 self.state.active.copy_(saved)
-        log.info("warm-up: %d bucket(s) in %.1f s (compiled: %s, CUDA graphs: %s)", len(timings),
-                 time.perf_counter() - started, self.compiled, self.use_graphs)
+        summary["seconds"] = time.perf_counter() - started
+        self.warmup_summary = summary
+        log.info("warm-up: %.1f s; compiles per mode %s (%s s); %d CUDA graph(s) captured in %.1f s using %.0f MiB%s "
+                 "(compiled: %s, CUDA graphs: %s)", summary["seconds"], summary["compiles"],
+                 {m: round(v, 1) for m, v in summary["compile_seconds"].items()}, summary["graphs"],
+                 summary["graph_seconds"], summary["graph_memory_mib"],
+                 "; stopped by its time budget: the rest runs un-graphed or eager" if summary["stopped_by_budget"] else "",
+                 self.compiled, self.use_graphs)
         return timings

@@ -46,18 +46,33 @@ class RotaryEmbedding:
                 factor, float(scaling.get("mscale_all_dim", 0))
             )
         self.inv_freq = inv_freq
-        self._device_copies: dict[torch.device, torch.Tensor] = {}
 
-    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
-        if device not in self._device_copies:
-            self._device_copies[device] = self.inv_freq.to(device)
-        return self._device_copies[device]
+    def to(self, device: torch.device) -> "RotaryEmbedding":
+        """Keep the inverse frequencies on ``device`` (the model's), so that no step copies them.
+
+        Called once the model is on its device (:func:`place_rotary_tables`), before any step is
+        compiled: nothing in :meth:`cos_sin` writes state, so a compiled trace adds no guard that
+        a later call breaks (a cache filled during the first trace made it compile twice).
+        """
+        self.inv_freq = self.inv_freq.to(device)
+        return self
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, T, dim] in ``dtype`` for int positions [B, T]."""
-        freqs = positions.to(torch.float32).unsqueeze(-1) * self._inv_freq_on(positions.device)
+        inv_freq = self.inv_freq
+        if inv_freq.device != positions.device:  # not placed yet (eager only: compiled steps are placed first)
+            inv_freq = inv_freq.to(positions.device)
+        freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         return (angles.cos() * self.magnitude).to(dtype), (angles.sin() * self.magnitude).to(dtype)
+
+
+def place_rotary_tables(model: torch.nn.Module, device: torch.device) -> int:
+    """Move every :class:`RotaryEmbedding` held by a module of ``model`` to ``device``; returns how many."""
+    tables = {id(v): v for m in model.modules() for v in vars(m).values() if isinstance(v, RotaryEmbedding)}
+    for table in tables.values():
+        table.to(device)
+    return len(tables)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
