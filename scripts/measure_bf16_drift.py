@@ -1,7 +1,7 @@
 """Measure how far bfloat16 inference drifts from float32 on the reference fixture cases.
 
 For every (config, case) in DSVL2_REFERENCE_DIR it runs the bf16 parity check of
-tests/bf16_check.py on ``--device`` (the model in float64 with float32 storage, in float64, and
+scripts/bf16_check.py on ``--device`` (the model in float64 with float32 storage, in float64, and
 in bf16 with routing held and free) and prints, per case:
 
 * ``held``: the routing-held bf16 error as a fraction of its bound 2^16 × the float32-storage
@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bf16_bounds import bf16_figures, bf16_problems  # noqa: E402
-from bf16_check import bf16_runs, perturb_by_float32_rounding, reference_runs  # noqa: E402
+from scripts.bf16_bounds import bf16_figures, bf16_problems  # noqa: E402
+from scripts.bf16_check import bf16_runs, perturb_by_float32_rounding, reference_runs  # noqa: E402
 from deepseek_vl2.engine.generation import Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor  # noqa: E402

@@ -12,8 +12,8 @@ import functools
 import pytest
 import torch
 
-from bf16_bounds import bf16_figures, bf16_problems
-from bf16_check import ReferenceRuns, bf16_runs, perturb_by_float32_rounding, reference_runs
+from scripts.bf16_bounds import bf16_figures, bf16_problems
+from scripts.bf16_check import ReferenceRuns, bf16_runs, perturb_by_float32_rounding, reference_runs
 from reference_data import case_names, checkpoint_dir, config_names, load_case_inputs, requires_reference
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs
 from deepseek_vl2.model import rope
@@ -56,7 +56,7 @@ def test_rope_angles_in_bf16_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     float32: exact in float32 and float64, off by up to a few radians in bf16 past position 256."""
 
     def angles_in_model_dtype(self, positions: torch.Tensor, dtype: torch.dtype):
-        freqs = positions.to(dtype).unsqueeze(-1) * self._inv_freq_on(positions.device).to(dtype)
+        freqs = positions.to(dtype).unsqueeze(-1) * self.inv_freq.to(positions.device, dtype)
         angles = torch.cat((freqs, freqs), dim=-1)
         return (angles.cos() * self.magnitude).to(dtype), (angles.sin() * self.magnitude).to(dtype)
 

@@ -170,14 +170,15 @@ def test_auto_picks_8bit_when_the_stated_gpu_is_too_small_for_bf16() -> None:
     assert f"{small.repo_id} with DSVL2_QUANTIZE=int8" in str(error.value) and "24.0 GB" in str(error.value)
 
 
-def test_quantize_setting_reads_and_checks_the_environment(monkeypatch) -> None:
-    monkeypatch.delenv("DSVL2_QUANTIZE", raising=False)
-    assert weights.quantize_setting() == "auto"
-    monkeypatch.setenv("DSVL2_QUANTIZE", " FP8 ")
-    assert weights.quantize_setting() == "fp8"
-    monkeypatch.setenv("DSVL2_QUANTIZE", "int4")
+def test_quantize_setting_is_read_once_and_checked() -> None:
+    from deepseek_vl2.engine.config import ConfigError, EngineConfig
+    assert EngineConfig.from_environment({}).quantize == "auto"
+    assert EngineConfig.from_environment({"DSVL2_QUANTIZE": " FP8 "}).quantize == "fp8"
+    assert weights.quantize_setting(" FP8 ") == "fp8"
+    with pytest.raises(ConfigError, match="DSVL2_QUANTIZE must be one of auto, none, int8, fp8, got 'int4'"):
+        EngineConfig.from_environment({"DSVL2_QUANTIZE": "int4"})
     with pytest.raises(ValueError, match="DSVL2_QUANTIZE must be one of auto, none, int8, fp8, got 'int4'"):
-        weights.quantize_setting()
+        weights.quantize_setting("int4")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -102,8 +102,8 @@ from deepseek_vl2.model.moe import Gate  # noqa: E402
 from deepseek_vl2.engine.generation import Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
 from reference_data import expected_outputs, test_device  # noqa: E402
-from bf16_bounds import bf16_figures, bf16_problems  # noqa: E402
-from bf16_check import bf16_runs, perturb_by_float32_rounding, reference_runs  # noqa: E402
+from scripts.bf16_bounds import bf16_figures, bf16_problems  # noqa: E402
+from scripts.bf16_check import bf16_runs, perturb_by_float32_rounding, reference_runs  # noqa: E402
 from deepseek_vl2.model.multimodal import DeepseekVL2  # noqa: E402
 
 STAGE_TOL = dict(atol=1e-5, rtol=1e-5)  # vision_tile0, projector_tile0, inputs_embeds
@@ -126,7 +126,7 @@ DEVICE = test_device()
 if DEVICE.type == "cuda":  # float32 parity needs real float32 matmuls and convolutions
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    # The bf16 bounds (tests/bf16_check.py) assume bf16 matmuls accumulate in float32.
+    # The bf16 bounds (scripts/bf16_check.py) assume bf16 matmuls accumulate in float32.
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 
@@ -365,14 +365,14 @@ def _float64_models_cached(root: str, config: str) -> tuple[DeepseekVL2, Deepsee
 
 
 def float64_models(config: str) -> tuple[DeepseekVL2, DeepseekVL2]:
-    """A config's model in float64, and a copy whose weights carry a float32 rounding (tests/bf16_check.py)."""
+    """A config's model in float64, and a copy whose weights carry a float32 rounding (scripts/bf16_check.py)."""
     return _float64_models_cached(str(reference_dir()), config)
 
 
 @pytest.mark.parametrize(("config", "case"), config_case_params(require_outputs=True))
 def test_bf16_within_rounding_bounds(config: str, case: str) -> None:
     """bfloat16 (the GPU default) differs from float32 only by bf16 rounding and routing flips:
-    the three bounds of tests/bf16_check.py, derived from the unit roundoffs (docs/correctness.md),
+    the three bounds of scripts/bf16_check.py, derived from the unit roundoffs (docs/correctness.md),
     hold on every position of the prompt. The float32 yardstick is itself the official model:
     its last-4 logits match the fixture's within the float32 tolerance."""
     expected, _ = expected_outputs(config, case)

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Literal, Mapping, Optional
 
+from deepseek_vl2.model.quantization import QUANTIZE_ENV, QUANTIZE_SETTINGS
+
 SLOTS_ENV = "COG_MAX_CONCURRENCY"  # written into a built image by `cog build` from @cog.concurrent
 COMPILE_ENV = "DSVL2_COMPILE"
 WARMUP_SECONDS_ENV = "DSVL2_WARMUP_SECONDS"
@@ -45,6 +47,8 @@ class EngineConfig:
     prefill_chunk: prompt tokens written per prefill step.
     kv_bucket: decode steps attend over the cache rounded up to a multiple of this.
     max_waiting: requests that may wait for a slot before new ones are refused.
+    quantize: expert weight format asked for (``DSVL2_QUANTIZE``: auto, none, int8, fp8); setup
+        turns "auto" into the format that fits (deepseek_vl2/weights/sizing.py).
     """
 
     slots: int = 1
@@ -54,6 +58,7 @@ class EngineConfig:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     kv_bucket: int = DEFAULT_KV_BUCKET
     max_waiting: int = DEFAULT_MAX_WAITING
+    quantize: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("slots", "prefill_chunk", "kv_bucket"):
@@ -70,6 +75,8 @@ class EngineConfig:
             raise ConfigError(f"warmup_seconds must be a finite number >= 0, got {seconds!r}")
         if self.streaming not in STREAMING_MODES:
             raise ConfigError(f"streaming must be one of {', '.join(STREAMING_MODES)}, got {self.streaming!r}")
+        if self.quantize not in QUANTIZE_SETTINGS:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_SETTINGS)}, got {self.quantize!r}")
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "EngineConfig":
@@ -89,6 +96,10 @@ class EngineConfig:
             if mode not in STREAMING_MODES:
                 raise ConfigError(f"{STREAMING_ENV} must be {' or '.join(STREAMING_MODES)}, got {raw!r}")
             values["streaming"] = mode
+        if raw := _read(environ, QUANTIZE_ENV):
+            if raw.lower() not in QUANTIZE_SETTINGS:
+                raise ConfigError(f"{QUANTIZE_ENV} must be one of {', '.join(QUANTIZE_SETTINGS)}, got {raw!r}")
+            values["quantize"] = raw.lower()
         return cls(**values)  # type: ignore[arg-type]
 
     def compile_on(self, device_type: str) -> bool:

@@ -25,6 +25,8 @@ FORMATS: dict[str, tuple[torch.dtype, float]] = {
     "int8": (torch.int8, 127.0),
     "fp8": (torch.float8_e4m3fn, 448.0),
 }
+QUANTIZE_ENV = "DSVL2_QUANTIZE"  # the setting, read once at setup (engine/config.py)
+QUANTIZE_SETTINGS = ("auto", "none", *FORMATS)  # auto: bf16 where it fits, else 8-bit
 SCALE_SUFFIX = "_scale"  # parameter names of the scales; no official checkpoint key ends so
 
 

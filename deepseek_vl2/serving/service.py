@@ -83,7 +83,7 @@ class Service:
         free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         if free_bytes is None:
             print("no CUDA GPU found: running on the CPU in float32 (slow)", flush=True)
-        quantize_setting = weights.quantize_setting()
+        quantize_setting = settings.quantize
         quantize = weights.choose_weight_format(quantize_setting, weights.parameters_on_disk(files),
                                                 expert_parameters(config.language), free_bytes, config.variant)
         # The persistent decode state (KV cache + step buffers) is sized here for every slot.

@@ -9,18 +9,15 @@ deepseek_vl2/model/quantization.py).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..model.quantization import FORMATS, weight_bytes
+from ..model.quantization import QUANTIZE_ENV, QUANTIZE_SETTINGS, weight_bytes
 from .variants import BYTES_PER_PARAM, GB, VARIANT_ENV, VARIANTS, Variant
 
 HEADROOM_FACTOR = 1.10
 HEADROOM_BYTES = 2 * 1024**3
 
-QUANTIZE_ENV = "DSVL2_QUANTIZE"
-QUANTIZE_SETTINGS = ("auto", "none", *FORMATS)  # auto: bf16 where it fits, else 8-bit
 AUTO_FALLBACK = "int8"  # the 8-bit format auto picks: it runs on every GPU and the CPU
 
 # (expert parameters, expert output channels) of each published variant, from its config.json
@@ -33,9 +30,9 @@ VARIANT_EXPERTS: dict[str, tuple[int, int]] = {
 FORMAT_WORDS = {"none": "bf16", "int8": "int8 experts", "fp8": "fp8 experts"}
 
 
-def quantize_setting() -> str:
-    """$DSVL2_QUANTIZE (none | int8 | fp8 | auto; default auto), validated. Read once, at setup."""
-    value = os.environ.get(QUANTIZE_ENV, "").strip().lower() or "auto"
+def quantize_setting(value: str = "auto") -> str:
+    """A ``DSVL2_QUANTIZE`` value (none | int8 | fp8 | auto; empty: auto), validated and lower-cased."""
+    value = value.strip().lower() or "auto"
     if value not in QUANTIZE_SETTINGS:
         raise ValueError(f"{QUANTIZE_ENV} must be one of {', '.join(QUANTIZE_SETTINGS)}, got {value!r}")
     return value

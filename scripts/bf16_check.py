@@ -47,7 +47,7 @@ from deepseek_vl2.inputs.processor import ProcessedInputs
 from deepseek_vl2.model.moe import Gate, Routing
 from deepseek_vl2.model.multimodal import DeepseekVL2
 
-from bf16_bounds import U_F32, Bf16Runs, GateRecord
+from scripts.bf16_bounds import U_F32, Bf16Runs, GateRecord
 
 FLOAT32_ROUNDING_SEED = 0  # seed of the f64 run's float32-rounding perturbation (any seed will do)
 

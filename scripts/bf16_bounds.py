@@ -1,5 +1,5 @@
 """The three bounds of the bf16 parity check, on tensors only (no model code imported, so the
-official code's runs can be checked with them too). tests/bf16_check.py runs the model and says
+official code's runs can be checked with them too). scripts/bf16_check.py runs the model and says
 where the bounds come from; docs/correctness.md derives them."""
 from __future__ import annotations
 
