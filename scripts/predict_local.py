@@ -36,7 +36,8 @@ def main() -> None:
     """Parse the options, load the model, stream one answer to stdout."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", help="checkpoint directory or URL (default: COG_WEIGHTS, else weights/)")
-    parser.add_argument("--image", action="append", required=True, help="image file; repeat for up to 4")
+    parser.add_argument("--image", action="append", default=[], help="image file; repeat for up to 4 (none: a text-only question)")
+    parser.add_argument("--messages", help="earlier turns as a JSON array (the messages input)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--quantize", choices=QUANTIZE_SETTINGS,
                         help=f"expert weight format (default: {QUANTIZE_ENV}, else auto)")
@@ -58,9 +59,9 @@ def main() -> None:
         runner.setup(args.weights)
     arguments = {name: getattr(args, name) for name in OPTIONS}
     with contextlib.redirect_stdout(sys.stderr), coglet_bridge.direct_call():
-        pieces = asyncio.run(runner.run(image=images["image"], image_2=images.get("image_2"),
+        pieces = asyncio.run(runner.run(image=images.get("image"), image_2=images.get("image_2"),
                                         image_3=images.get("image_3"), image_4=images.get("image_4"),
-                                        prompt=args.prompt, **arguments))
+                                        prompt=args.prompt, messages=args.messages, **arguments))
         for piece in pieces:  # predict()'s logs go to stderr, the answer to stdout
             print(piece, end="", flush=True, file=sys.__stdout__)
     print(file=sys.__stdout__)

@@ -18,19 +18,12 @@ position and change nothing, so any subset of slots can step together and a step
 active row is a harmless warm-up. The only value the host reads is the new token ids.
 
 :class:`DecodeEngine` runs that step eagerly, or through ``torch.compile(fullgraph=True)``, and
-on CUDA replays it as CUDA graphs. The compile and capture rules (docs/engine.md):
-
-* one compiled function per (rows bucket, mode): the rows buckets are :func:`batch_buckets`
-  (1, 2, 4, 8 for 8 slots), the modes ``full`` (the whole sampler) and ``greedy``; ``kv_len`` is
-  a dynamic dimension (``mark_dynamic`` without bounds), so KV buckets never recompile;
-* :meth:`DecodeEngine.warmup` (setup) compiles every (rows, mode), the ``full`` mode first (the
-  default request samples), then on CUDA captures one graph per (rows, kv_len, mode) while no
-  other thread runs, within a time budget, logging the compile count per mode, the graphs,
-  their seconds and memory;
-* after a warm-up the engine is sealed: a step never compiles and never captures. A bucket whose
-  graph was not captured runs its compiled function un-graphed; a (rows, mode) that was not
-  compiled runs eagerly. Before any warm-up (tests, scripts) a step compiles on first use but
-  still never captures: only :meth:`DecodeEngine.warmup` captures.
+on CUDA replays it as CUDA graphs (rules in docs/engine.md): one compiled function per (rows
+bucket, mode), ``kv_len`` dynamic (``mark_dynamic`` without bounds); :meth:`DecodeEngine.warmup`
+(setup) compiles every (rows, mode), ``full`` first, then on CUDA captures one graph per
+(rows, kv_len, mode) within a time budget. After a warm-up the engine is sealed: a step never
+compiles and never captures (an uncaptured bucket runs un-graphed, an uncompiled one eagerly);
+only :meth:`DecodeEngine.warmup` captures.
 """
 from __future__ import annotations
 
