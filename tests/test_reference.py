@@ -103,7 +103,7 @@ from deepseek_vl2.engine.generation import Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
 from reference_data import expected_outputs, test_device  # noqa: E402
 from scripts.bf16_bounds import bf16_figures, bf16_problems  # noqa: E402
-from scripts.bf16_check import bf16_runs, perturb_by_float32_rounding, reference_runs  # noqa: E402
+from scripts.bf16_check import bf16_runs, gate_margin, perturb_by_float32_rounding, reference_runs  # noqa: E402
 from deepseek_vl2.model.multimodal import DeepseekVL2  # noqa: E402
 
 STAGE_TOL = dict(atol=1e-5, rtol=1e-5)  # vision_tile0, projector_tile0, inputs_embeds
@@ -144,25 +144,8 @@ def generator_for(config: str, dtype: torch.dtype = torch.float32) -> Generator:
 def routing_margin(gate: Gate, x: torch.Tensor) -> torch.Tensor:
     """Per token [N]: the gap between the last chosen and the first rejected expert score (for
     group-limited routing also between the last kept and first dropped group score), as the
-    fixtures' ``moe_routing_margin`` defines it for one gate."""
-    scores = gate.scores(x)
-    k = gate.top_k
-    if gate.method == "greedy":
-        top = scores.topk(k + 1, dim=-1).values
-        return top[:, k - 1] - top[:, k]
-    choice = scores
-    if gate.method == "noaux_tc":
-        choice = scores + gate.e_score_correction_bias.to(torch.float32)
-    margins = []
-    if gate.n_group > gate.topk_group:
-        grouped = choice.view(choice.shape[0], gate.n_group, -1)
-        group_score = grouped.topk(2, dim=-1).values.sum(-1) if gate.method == "noaux_tc" else grouped.amax(-1)
-        best = group_score.topk(gate.topk_group + 1, dim=-1).values
-        margins.append(best[:, gate.topk_group - 1] - best[:, gate.topk_group])
-        choice = gate._keep_groups(choice, group_score)
-    top = choice.topk(k + 1, dim=-1).values
-    margins.append(top[:, k - 1] - top[:, k])
-    return torch.stack(margins).amin(dim=0)
+    fixtures' ``moe_routing_margin`` defines it for one gate (the rule: scripts/bf16_check.py)."""
+    return gate_margin(gate, gate.scores(x))
 
 
 @dataclass
