@@ -29,7 +29,7 @@ export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
 
 python scripts/download_weights.py --plan >&2 || exit 2
 
-python scripts/make_openapi_schema.py --ref predict.py:Predictor --output .cog/openapi_schema.json
+python -m tools.make_openapi_schema --ref predict.py:Predictor --output .cog/openapi_schema.json
 
 export COG_PREDICT_TYPE_STUB="predict.py:Predictor"
 export COG_MAX_CONCURRENCY="${COG_MAX_CONCURRENCY:-8}"

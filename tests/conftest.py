@@ -1,19 +1,28 @@
-"""Fixtures shared by the test files: random checkpoints and a generator over each variant.
+"""Fixtures shared by the test files: random checkpoints, a generator over each variant, Cog's
+real server on the tiny random checkpoint; and the `server` / `parity` markers, set by folder.
 
-A random checkpoint (scripts/make_test_checkpoint.py) is written once per test run and per
+A random checkpoint (tools/checkpoints.py) is written once per test run and per
 variant; each test module loads its own `Generator` from it, so a module's engine state (reserved
 slots, cache sizes) never reaches another module.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from deepseek_vl2.engine.generation import Generator
-from scripts.make_test_checkpoint import make_checkpoint
+from tools.checkpoints import make_checkpoint
+from tools.testing.cog_server import CogServer, cog_server
+
+TESTS_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_ROOT.parent
+# A test in one of these folders gets the marker of the same name; a test using the `cog_predictor`
+# fixture is a server test wherever it lives. The fast run: pytest -m "not server and not parity".
+MARKED_FOLDERS = ("server", "parity")
 
 VARIANTS = ("tiny", "small", "base")
 RANDOM_CHECKPOINT_SEED = 7
@@ -40,3 +49,25 @@ def generator(request: pytest.FixtureRequest, random_checkpoint: Callable[[str],
     A test that needs one variant only narrows it:
     ``@pytest.mark.parametrize("generator", ["tiny"], indirect=True)``."""
     return Generator.load(random_checkpoint(request.param), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def cog_predictor(random_checkpoint: Callable[[str], Path]) -> Iterator[CogServer]:
+    """Cog's real HTTP server on the predictor cog.yaml names, over the tiny random checkpoint.
+
+    It retries while the server answers 409: coglet can still report a slot busy for a moment
+    after a prediction ended (docs/cog.md); a client retries too."""
+    config = yaml.safe_load((REPO_ROOT / "cog.yaml").read_text(encoding="utf-8"))
+    with cog_server(config.get("run") or config["predict"], weights=random_checkpoint("tiny"),
+                    retry_busy=10) as running:
+        yield running
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests/server/ and tests/parity/ tests (and every user of `cog_predictor`) by folder."""
+    for item in items:
+        folder = Path(str(item.path)).resolve().relative_to(TESTS_ROOT).parts[0]
+        if folder in MARKED_FOLDERS:
+            item.add_marker(folder)
+        if "cog_predictor" in getattr(item, "fixturenames", ()):
+            item.add_marker("server")

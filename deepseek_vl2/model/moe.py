@@ -1,7 +1,7 @@
 """Feed-forward blocks of the DeepSeek-V2 decoder: SwiGLU MLP, the MoE gate, and the MoE layer.
 
 Routed experts are stored stacked ([E, 2·I, D] gate+up and [E, D, I] down) and run by one of
-three paths, all numerically equal (tests/moe_reference.py holds slower references):
+three paths, all numerically equal (tools/parity/moe_reference.py holds slower references):
 
 * prefill (many tokens per sequence): :meth:`StackedExperts.grouped`, tokens grouped by expert
   (one host sync per layer for the counts);

@@ -1,1 +1,0 @@
-"""Developer scripts (test checkpoint generator, tools). Importable so tests can reuse them."""

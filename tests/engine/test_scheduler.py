@@ -1,0 +1,233 @@
+"""The batching scheduler: its policy as a pure function (no threads), a request's phases, and what a
+failure inside a batched decode step does to the requests beside it (injected faults).
+
+Runs on a small random checkpoint written by tools/checkpoints.py (no fixtures needed).
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from deepseek_vl2.engine.decode import SlotsExhaustedError
+from deepseek_vl2.engine.generation import Generator
+from deepseek_vl2.engine.request import Phase
+from deepseek_vl2.engine.sampling import SamplingParams
+from deepseek_vl2.engine.scheduler import BatchScheduler, Plan, schedule
+from tools.checkpoints import make_checkpoint
+
+# ----------------------------------------------------------------------------- the policy, pure
+
+
+def test_admits_the_oldest_waiting_into_free_room() -> None:
+    plan = schedule(waiting=["w1", "w2", "w3"], prefilling=[], decoding=["d1"], free_slots=8, max_batch=3)
+    assert plan == Plan(admit=("w1", "w2"), prefill="w1", decode=("d1",))
+
+
+def test_admission_is_bounded_by_the_free_slots_too() -> None:
+    """Slots held outside the scheduler (a single-request stream) leave fewer free than max_batch allows."""
+    plan = schedule(waiting=["w1", "w2"], prefilling=[], decoding=[], free_slots=1, max_batch=4)
+    assert plan.admit == ("w1",)
+    assert schedule(["w1"], [], [], free_slots=0, max_batch=4).admit == ()
+
+
+def test_a_full_batch_admits_nobody_and_keeps_prefilling_in_turn() -> None:
+    plan = schedule(waiting=["w1"], prefilling=["p1", "p2"], decoding=["d1", "d2"], free_slots=4, max_batch=4)
+    assert plan == Plan(admit=(), prefill="p1", decode=("d1", "d2"))
+
+
+def test_one_prefill_chunk_per_turn_beside_the_decode_step() -> None:
+    plan = schedule(waiting=[], prefilling=["p2", "p1"], decoding=["d1"], free_slots=5, max_batch=8)
+    assert plan.prefill == "p2" and plan.decode == ("d1",) and plan.admit == ()
+
+
+def test_nothing_to_do() -> None:
+    assert schedule([], [], [], free_slots=3, max_batch=3) == Plan(admit=(), prefill=None, decode=())
+
+
+def test_more_active_than_max_batch_admits_nobody() -> None:
+    assert schedule(["w1"], ["p1"], ["d1", "d2"], free_slots=6, max_batch=2).admit == ()
+
+
+# ----------------------------------------------------------------------------- on a model
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory) -> Generator:
+    path = make_checkpoint(tmp_path_factory.mktemp("tiny"), variant="tiny", seed=7, eos_boost=1.0)
+    return Generator.load(path, device="cpu", dtype=torch.float32)
+
+
+PROMPTS = ["What is two plus two?", "Hi", "Tell me about boats."]
+
+
+def _params() -> list[SamplingParams]:
+    """A sampled, a greedy and a filtered request; eos ignored so each runs its full length."""
+    return [SamplingParams(temperature=0.8, max_new_tokens=10, seed=11, ignore_eos=True),
+            SamplingParams(temperature=0.0, max_new_tokens=9, ignore_eos=True),
+            SamplingParams(temperature=0.6, top_k=5, repetition_penalty=1.3, max_new_tokens=11, seed=5,
+                           ignore_eos=True)]
+
+
+def _run_batched(generator: Generator, params: list[SamplingParams]) -> list[object]:
+    """Each request's tokens through a 3-slot scheduler, or the exception its stream raised."""
+    inputs = [generator.prepare(p, []) for p in PROMPTS]
+    scheduler = BatchScheduler(generator, max_batch=3, max_len=1024)
+    results: list[object] = [None] * len(inputs)
+    try:
+        handles = [scheduler.submit(i, p) for i, p in zip(inputs, params)]
+
+        def consume(k: int) -> None:
+            try:
+                "".join(handles[k])
+                results[k] = list(handles[k].request.tokens)
+            except Exception as error:  # noqa: BLE001 - the outcome under test
+                results[k] = error
+
+        threads = [threading.Thread(target=consume, args=(k,)) for k in range(len(handles))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert all(not t.is_alive() for t in threads), "a stream did not end"
+        assert scheduler.active == 0 and sorted(generator.engine.free_slots) == list(range(generator.engine.slots))
+    finally:
+        scheduler.close()
+    return results
+
+
+def _sequential(generator: Generator, params: list[SamplingParams]) -> list[list[int]]:
+    return [generator.generate_ids(generator.prepare(p, []), q) for p, q in zip(PROMPTS, params)]
+
+
+def test_a_request_goes_through_its_phases(generator: Generator) -> None:
+    request = generator.new_request(generator.prepare("Hi", []), SamplingParams(temperature=0.0, max_new_tokens=2),
+                                    slot=None)
+    assert request.phase is Phase.WAITING and request.slot is None
+    generator.admit(request)
+    assert request.phase is Phase.PREFILLING and request.slot is not None
+    generator.prefill(request)
+    assert request.phase is Phase.SAMPLING and request.next_logits is not None
+    generator.sample([request], request.next_logits.unsqueeze(0))
+    assert request.phase is Phase.SAMPLING
+    generator.accept(request, generator.next_tokens([request])[0])
+    assert request.phase is Phase.FINISHED and request.stats.finish_reason == "length"
+    slot = request.slot
+    generator.release(request)
+    assert request.slot is None and slot in generator.engine.free_slots
+    generator.release(request)  # holds nothing: nothing to give back
+    with pytest.raises(ValueError, match=f"slot {slot} is not held"):
+        generator.engine.release(slot)
+
+
+def test_a_failed_batched_step_is_rewound_not_stepped_twice(generator: Generator, monkeypatch) -> None:
+    """The step runs in full (rows, positions, seen ids and generators advance) and then raises, once,
+    while all three requests share it: every request still ends with exactly its sequential tokens."""
+    params = _params()
+    expected = _sequential(generator, params)
+    real_step = generator.engine.step
+    fired = []
+
+    def step_then_fail(slots, *args, **kwargs):
+        outputs = real_step(slots, *args, **kwargs)
+        if len(slots) == 3 and not fired:
+            fired.append(list(slots))
+            raise RuntimeError("injected failure after the step's writes")
+        return outputs
+
+    monkeypatch.setattr(generator.engine, "step", step_then_fail)
+    assert _run_batched(generator, params) == expected
+    assert fired, "the three requests never shared a step: the fault was not injected"
+
+
+def test_a_request_that_fails_alone_fails_and_the_others_keep_their_tokens(generator: Generator,
+                                                                          monkeypatch) -> None:
+    """Every step holding the second request writes everything and then raises: that request fails
+    with the error, the two beside it finish with their sequential tokens."""
+    params = _params()
+    expected = _sequential(generator, params)
+    real_step = generator.engine.step
+    doomed = params[1]
+
+    def step_failing_with_the_second(slots, lengths, step_params, generators):
+        outputs = real_step(slots, lengths, step_params, generators)
+        if any(p is doomed for p in step_params):
+            raise RuntimeError("injected failure of the second request")
+        return outputs
+
+    monkeypatch.setattr(generator.engine, "step", step_failing_with_the_second)
+    first, second, third = _run_batched(generator, params)
+    assert isinstance(second, RuntimeError) and "second request" in str(second)
+    assert [first, third] == [expected[0], expected[2]]
+
+
+def test_a_failure_recording_one_token_fails_that_request_only(generator: Generator, monkeypatch) -> None:
+    """After a good step, recording the second request's third token raises: the others' tokens of
+    that step are recorded once (not stepped again) and they finish with their sequential tokens."""
+    params = _params()
+    expected = _sequential(generator, params)
+    real_accept = generator.accept
+    doomed = params[1]
+
+    def accept_failing(request, token):
+        if request.params is doomed and len(request.tokens) == 2:
+            raise RuntimeError("injected failure while recording a token")
+        return real_accept(request, token)
+
+    monkeypatch.setattr(generator, "accept", accept_failing)
+    first, second, third = _run_batched(generator, params)
+    assert isinstance(second, RuntimeError) and "recording a token" in str(second)
+    assert [first, third] == [expected[0], expected[2]]
+
+
+def test_a_slot_taken_between_plan_and_admission_leaves_the_request_waiting(generator: Generator,
+                                                                            monkeypatch) -> None:
+    """Another caller (a single-request stream) may take the free slot the plan counted: the
+    request waits for the next turn instead of stopping the scheduler."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    inputs = generator.prepare("Hi", [])
+    expected = generator.generate_ids(inputs, params)
+    real_admit = generator.admit
+    refused = []
+
+    def admit_refusing_once(request):
+        if not refused:
+            refused.append(request)
+            raise SlotsExhaustedError("all slots taken meanwhile (injected)")
+        return real_admit(request)
+
+    monkeypatch.setattr(generator, "admit", admit_refusing_once)
+    scheduler = BatchScheduler(generator, max_batch=2, max_len=1024)
+    try:
+        handle = scheduler.submit(inputs, params)
+        reader = threading.Thread(target=lambda: "".join(handle), daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        assert not reader.is_alive(), "the request never finished: the scheduler stopped"
+        assert refused and handle.request.tokens == expected
+    finally:
+        scheduler.close()
+
+
+def test_a_request_waits_while_every_slot_is_held_outside_and_runs_once_one_is_free(generator: Generator) -> None:
+    params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    inputs = generator.prepare("Hi", [])
+    expected = generator.generate_ids(inputs, params)
+    scheduler = BatchScheduler(generator, max_batch=2, max_len=1024)
+    held = [generator.engine.acquire() for _ in range(len(generator.engine.free_slots))]
+    try:
+        handle = scheduler.submit(inputs, params)
+        reader = threading.Thread(target=lambda: "".join(handle), daemon=True)
+        reader.start()
+        reader.join(timeout=0.5)
+        assert reader.is_alive() and handle.request.phase is Phase.WAITING and handle.request.slot is None
+        for slot in held:
+            generator.engine.release(slot)
+        held = []
+        reader.join(timeout=60)
+        assert not reader.is_alive() and handle.request.tokens == expected
+    finally:
+        for slot in held:
+            generator.engine.release(slot)
+        scheduler.close()

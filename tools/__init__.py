@@ -1,0 +1,1 @@
+"""Developer tooling over the package: test checkpoints, benchmark, GPU check, parity figures."""

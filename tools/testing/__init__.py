@@ -1,0 +1,1 @@
+"""Helpers for tests and the soak: Cog's real server, the soak, forged images."""
