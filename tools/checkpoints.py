@@ -385,27 +385,31 @@ def tensor_specs(plan: CheckpointPlan) -> list[TensorSpec]:
     return specs + _language_specs(plan)
 
 
+def init_scale(init: str, shape: tuple[int, ...], hidden: int) -> tuple[float, float]:
+    """(scale, offset) of a random tensor of kind ``init``: its values are offset + scale·N(0, 1).
+
+    The one rule for random weights (the test checkpoints here, tools/random_model.py on a device):
+    linear weights N(0, 1/fan_in) (stacked experts [.., out, in] and the patch convolution
+    [out, c, kh, kw] too), norms 1 + 0.2·N, biases 0.05·N, embeddings and vectors N(0, 1), lm_head
+    and MoE gates N(0, 4/hidden), position embedding 0.3·N, score-correction bias 0.1·N."""
+    if init in ("linear", "latent"):
+        fan_in = math.prod(shape[1:]) if len(shape) == 4 else shape[-1]
+        return 1.0 / math.sqrt(fan_in), 0.0
+    scales = {"head": (2.0 / math.sqrt(hidden), 0.0), "norm": (0.2, 1.0), "bias": (0.05, 0.0),
+              "pos": (0.3, 0.0), "score_bias": (0.1, 0.0), "embed": (1.0, 0.0), "vector": (1.0, 0.0)}
+    if init not in scales:
+        raise ValueError(f"unknown init kind {init!r}")
+    return scales[init]
+
+
 def make_tensor(spec: TensorSpec, plan: CheckpointPlan) -> torch.Tensor:
-    """Draw one tensor from N(0,1) seeded by (seed, key), scale it, apply the eos boost, cast."""
+    """Draw one tensor from N(0,1) seeded by (seed, key), scale it (:func:`init_scale`), apply the
+    eos boost, cast."""
     generator = torch.Generator().manual_seed(
         (plan.seed * 0x9E3779B1 + zlib.crc32(spec.key.encode())) % (2 ** 63))
     values = torch.randn(spec.shape, generator=generator, dtype=torch.float32)
-    hidden = plan.get("hidden_size")
-    if spec.init == "linear":
-        values *= 1.0 / math.sqrt(math.prod(spec.shape[1:]))      # fan_in
-    elif spec.init == "head":
-        values *= 2.0 / math.sqrt(hidden)
-    elif spec.init == "norm":
-        values = 1.0 + 0.2 * values
-    elif spec.init == "bias":
-        values *= 0.05
-    elif spec.init == "pos":
-        values *= 0.3
-    elif spec.init == "score_bias":
-        values *= 0.1
-    elif spec.init == "latent":
-        values *= 1.0 / math.sqrt(spec.shape[-1])
-    # embed / vector stay N(0, 1)
+    scale, offset = init_scale(spec.init, spec.shape, plan.get("hidden_size"))
+    values = values.mul_(scale).add_(offset)
     if spec.key == "language.lm_head.weight" and plan.eos_boost != 1.0:
         values[EOS_ID] *= plan.eos_boost
     return values.to(plan.dtype)

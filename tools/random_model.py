@@ -4,16 +4,14 @@ The benchmark and the GPU check time real shapes without writing a checkpoint (t
 55 GB; the GPU machine has 64 GiB of disk). The configuration is the one
 ``tools/checkpoints.py`` writes (the published shapes for ``size="real"``), the
 tokenizer is its small trained test tokenizer (written, with the two JSON configs, to a small
-folder for the processor), and every parameter is drawn on the device with the same scales as
-the test checkpoints: linear weights N(0, 1/fan_in), norms 1 + 0.2·N, biases 0.05·N, embeddings
-N(0, 1), lm_head and MoE gates N(0, 4/hidden), position embedding 0.3·N.
+folder for the processor), and every parameter is drawn on the device with the scales of the
+test checkpoints (``tools.checkpoints.init_scale``, the one rule).
 
     model, processor = build_random_model("tiny", torch.device("cuda"), torch.bfloat16)
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +25,7 @@ from deepseek_vl2.model.multimodal import DeepseekVL2
 from deepseek_vl2.model.norm import RMSNorm
 from tools.checkpoints import (
     build_plan,
+    init_scale,
     model_config_json,
     processor_config_json,
     write_tokenizer,
@@ -64,24 +63,31 @@ def _norm_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
+def init_kind(name: str, is_norm: bool) -> str:
+    """The :func:`tools.checkpoints.init_scale` kind of one of our model's parameters."""
+    if is_norm:
+        return "norm"
+    if name.endswith("e_score_correction_bias"):
+        return "score_bias"
+    if name.endswith("bias"):
+        return "bias"
+    if name.endswith("embed_tokens.weight"):
+        return "embed"
+    if name.endswith(("image_newline", "view_seperator")):
+        return "vector"
+    if name.endswith(("lm_head.weight", "gate.weight")):
+        return "head"
+    if name.endswith("pos_embed"):
+        return "pos"
+    return "linear"  # linear / stacked experts [.., out, in] / patch convolution [out, c, kh, kw]
+
+
 @torch.no_grad()
 def draw_parameter(name: str, shape: tuple[int, ...], hidden: int, is_norm: bool, device: torch.device,
                    dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     """One parameter drawn on ``device`` in float32 chunks and cast (bfloat16 randn is coarse)."""
     out = torch.empty(shape, device=device, dtype=dtype)
-    if is_norm:
-        scale, offset = 0.2, 1.0
-    elif name.endswith("bias"):
-        scale, offset = (0.1 if name.endswith("e_score_correction_bias") else 0.05), 0.0
-    elif name.endswith(("embed_tokens.weight", "image_newline", "view_seperator")):
-        scale, offset = 1.0, 0.0
-    elif name.endswith(("lm_head.weight", "gate.weight")):
-        scale, offset = 2.0 / math.sqrt(hidden), 0.0
-    elif name.endswith("pos_embed"):
-        scale, offset = 0.3, 0.0
-    else:  # linear / stacked experts [.., out, in] / patch convolution [out, c, kh, kw]
-        fan_in = math.prod(shape[1:]) if len(shape) == 4 else shape[-1]
-        scale, offset = 1.0 / math.sqrt(fan_in), 0.0
+    scale, offset = init_scale(init_kind(name, is_norm), shape, hidden)
     flat = out.view(-1)
     step = 1 << 26  # 64 M values at a time: bounded float32 scratch
     for start in range(0, flat.numel(), step):
