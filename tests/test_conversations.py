@@ -342,3 +342,32 @@ def test_cancelling_a_text_only_conversation(server: CogServer) -> None:
     greedy = official_greedy(text_only)
     status, body = server.predict(http_inputs(text_only, temperature=0, max_length_tokens=greedy["n_new"]))
     assert _text(body) == greedy["text"]
+
+
+def test_openai_style_messages_through_cogs_server(server: CogServer) -> None:
+    """messages as a JSON array — a system message, the question as the last user turn with a
+    data: image part — gets the answer of its plain form."""
+    small = reference_dir() / "inputs" / "small_200x150.png"
+    earlier = [{"role": "user", "content": "What is this?"}, {"role": "assistant", "content": "A picture."}]
+    question = {"role": "user", "content": [image_part(small), {"type": "text", "text": "And now?"}]}
+    settings = {"temperature": 0, "max_length_tokens": 12}
+    openai = {"messages": [{"role": "system", "content": "Be brief."}, *earlier, question], **settings}
+    plain = {"messages": json.dumps(earlier), "system_prompt": "Be brief.", "prompt": "And now?",
+             "image": data_uri(small), **settings}
+    (status, ours), (_, expected) = server.predict(openai), server.predict(plain)
+    assert status == 200
+    assert _text(ours) == _text(expected)
+    assert ours["metrics"]["input_token_count"] == expected["metrics"]["input_token_count"]
+
+
+def test_stop_sequences_as_an_array_through_cogs_server(server: CogServer) -> None:
+    """An array's stop sequences are used exactly as sent (spaces and commas kept), as JSON or as
+    its text."""
+    single_image = next(c for c in case_names() if not client_request(c)[1] and client_request(c)[2])
+    request = http_inputs(single_image, temperature=0, max_length_tokens=40)
+    full = _text(server.predict(request)[1])
+    stops = [full[3:7], "never, seen"]
+    assert len(stops[0]) == 4
+    cut = full[:min(full.index(stop) for stop in stops if stop in full)]
+    for form in (stops, json.dumps(stops)):
+        assert _text(server.predict({**request, "stop_sequences": form})[1]) == cut
