@@ -1,4 +1,8 @@
-"""CLI: ``python -m deepseek_vl2.grounding --image IMG --answer TEXT --out-image out.png --out-json boxes.json``."""
+"""CLI: ``python -m deepseek_vl2.grounding --image IMG --answer TEXT --out-image out.png --out-json boxes.json``.
+
+With several images in the request, pass them all (``--image`` once each, in order): the boxes
+refer to the last one, as in the official code, and are drawn on it.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m deepseek_vl2.grounding",
         description="Turn a DeepSeek-VL2 grounding answer into pixel boxes (JSON) and an annotated image.",
     )
-    parser.add_argument("--image", required=True, help="the image the question was asked about")
+    parser.add_argument("--image", required=True, action="append",
+                        help="an image of the request, in order (repeat for several); the boxes refer to the last")
     answer = parser.add_mutually_exclusive_group(required=True)
     answer.add_argument("--answer", help="the model's answer text")
     answer.add_argument("--answer-file", help="file holding the model's answer text (UTF-8)")
@@ -47,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     else:
         text = args.answer
+    last = args.image[-1]  # the image a grounding answer's boxes refer to
     try:
-        image = _load_image(args.image)
+        image = _load_image(last)
     except ValueError as error:  # images.ImageInputError: its message names the file and the reason
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:
-        print(f"error: cannot read image {args.image}: {error}", file=sys.stderr)
+        print(f"error: cannot read image {last}: {error}", file=sys.stderr)
         return 1
 
     result = parse_grounding(text, image.size)

@@ -54,8 +54,9 @@ def _draw_rect(box: NormalizedBox, image_size: tuple[int, int]) -> tuple[int, in
 def draw_grounding(image: Image.Image, result: GroundingResult | str) -> Image.Image:
     """Return a copy of `image` with every box outlined and labelled; the input is not modified.
 
-    Boxes are placed from `boxes_normalized` using this image's own size. `result` may also be the
-    raw answer text. Colours come from `label_colors`; the line width from `line_width`.
+    Boxes are placed from `boxes_normalized` using this image's own size; with several images in
+    the request, pass the last one (the image the boxes refer to). `result` may also be the raw
+    answer text. Colours come from `label_colors`; the line width from `line_width`.
     """
     if isinstance(result, str):
         result = parse_grounding(result, image.size)

@@ -275,7 +275,8 @@ def _tidy_plain_text(pieces: list[str]) -> str:
 def parse_grounding(text: str, image_size: tuple[int, int] | None = None) -> GroundingResult:
     """Parse a grounding answer into labelled boxes.
 
-    `image_size` is the original image's (width, height); with it every object also gets pixel
+    `image_size` is the original image's (width, height) — with several images in the request,
+    the last one's, the image the boxes refer to; with it every object also gets pixel
     boxes (`x * width / 999`, `y * height / 999`, 2 decimals). Never raises on model text:
     malformed parts are repaired or skipped and described in `problems`. Raises ValueError only
     for an invalid `image_size`.

@@ -112,17 +112,17 @@ def build_conversation(
     `history` holds the earlier turns (``{"role": ..., "content": ...}``, starting with a user
     turn, alternating, ending with an assistant reply); `prompt` is the new user turn and an
     open assistant turn follows it. Without any `<image>` tag in the whole conversation,
-    `num_images` tags (each followed by a newline) are put in front of the first user text; with
-    tags, every turn is kept as is (process() checks the count).
+    `num_images` tags (each followed by a newline) are put in front of the newest user text,
+    `prompt` (as the official web demo does for the images sent with a turn); with tags, every
+    turn is kept as is (process() checks the count). The earlier turns are never changed, so
+    the same earlier turns always give the same leading tokens.
     """
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
     turns = [{"role": normalize_role(m["role"]), "content": m["content"]} for m in history]
-    turns.append({"role": USER_ROLE, "content": prompt})
-    if not any(image_token in turn["content"] for turn in turns):
-        first = next(turn for turn in turns if turn["role"] == USER_ROLE)
-        first["content"] = f"{image_token}\n" * num_images + first["content"]
-    return [*turns, {"role": ASSISTANT_ROLE, "content": ""}]
+    if not any(image_token in turn["content"] for turn in turns) and image_token not in prompt:
+        prompt = f"{image_token}\n" * num_images + prompt
+    return [*turns, {"role": USER_ROLE, "content": prompt}, {"role": ASSISTANT_ROLE, "content": ""}]
 
 
 def validated_turns(conversation: Sequence[Mapping[str, Any]], image_token: str) -> list[tuple[str, str]]:

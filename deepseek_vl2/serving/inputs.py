@@ -14,18 +14,22 @@ container read its own files. This module does not import Cog: predict.py hands 
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from deepseek_vl2.engine.sampling import InvalidSamplingParams, SamplingParams
-from deepseek_vl2.serving.conversation import check_image_tags, parse_messages
+from deepseek_vl2.serving.conversation import parse_messages, request_conversation
+from deepseek_vl2.serving.message_content import MAX_IMAGE_URI_CHARS
 
 IMAGE_INPUTS = ("image", "image_2", "image_3", "image_4")  # order of the images in the prompt
 MAX_STOP_SEQUENCES = 16
 # A resource guard only: 4096 tokens of any text are far fewer characters than this.
 MAX_TEXT_CHARS = 100_000
+# messages as a string: its text and up to four images as data: URIs.
+MAX_MESSAGES_CHARS = MAX_TEXT_CHARS + len(IMAGE_INPUTS) * MAX_IMAGE_URI_CHARS
 # Input name -> SamplingParams field, where they differ.
 SAMPLING_FIELDS = {"max_length_tokens": "max_new_tokens"}
 INPUT_NAMES = {field: name for name, field in SAMPLING_FIELDS.items()}
@@ -56,11 +60,11 @@ class Declarations:
 class PredictRequest:
     """Checked arguments, ready for the engine."""
 
-    prompt: str  # the new user turn, as given: <image> tags mark where the images go
-    images: list[tuple[str, Path]]  # (input name, file) in conversation order
+    prompt: str  # the newest user turn: an <image> tag marks where each image goes
+    images: list[tuple[str, Path | bytes]]  # (name, file or bytes) in tag order
     system_prompt: str
     params: SamplingParams  # validated; seed None = drawn by the engine
-    history: tuple[dict[str, str], ...] = ()  # earlier turns (the messages input)
+    history: tuple[dict[str, str], ...] = ()  # earlier turns (the messages input), images tagged
 
 
 def declared_inputs(method: Callable[..., Any], field_type: type,
@@ -89,15 +93,15 @@ def clean_text(text: str) -> str:
     return _LONE_SURROGATES.sub("\ufffd", text)
 
 
-def _check_length(name: str, value: Any, optional: bool) -> str:
+def _check_length(name: str, value: Any, optional: bool, limit: int = MAX_TEXT_CHARS) -> str:
     """A text input as given (None -> "" when optional), refused when not a string or too long."""
     if value is None and optional:
         return ""
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {type(value).__name__}")
-    if len(value) > MAX_TEXT_CHARS:
+    if len(value) > limit:
         raise ValueError(
-            f"{name} is {len(value)} characters long; at most {MAX_TEXT_CHARS} are accepted "
+            f"{name} is {len(value)} characters long; at most {limit} are accepted "
             "(the model's context holds 4096 tokens in all)"
         )
     return value
@@ -107,9 +111,44 @@ def _check_text(name: str, value: Any, optional: bool) -> str:
     return clean_text(_check_length(name, value, optional))
 
 
-def parse_stop_sequences(text: str) -> tuple[str, ...]:
-    """Split a comma-separated list of stop sequences; surrounding spaces are dropped."""
-    stops = tuple(piece.strip() for piece in text.split(",") if piece.strip())
+def _messages_value(value: Any) -> Any:
+    """The messages input as sent: None, a JSON text (length-checked) or a list of turns."""
+    if isinstance(value, list) or value is None:
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"messages must be a JSON array of turns (or that array as text), got {type(value).__name__}")
+    return _check_length("messages", value, optional=False, limit=MAX_MESSAGES_CHARS)
+
+
+def parse_stop_sequences(value: Any) -> tuple[str, ...]:
+    """The stop sequences: a list of strings (or a JSON array in a string), kept exactly; or a
+    comma-separated string (not starting with "["), each piece without its surrounding spaces."""
+    if value is None:
+        return ()
+    if isinstance(value, str) and not value.lstrip().startswith("["):
+        text = clean_text(_check_length("stop_sequences", value, optional=False))
+        return _at_most_max_stops(tuple(piece.strip() for piece in text.split(",") if piece.strip()))
+    if isinstance(value, str):
+        try:
+            value = json.loads(_check_length("stop_sequences", value, optional=False))
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError(
+                'stop_sequences starts with "[", so it is read as a JSON array of strings, but it '
+                'is not valid JSON; send e.g. ["###", "\\n\\n"] (a stop sequence starting with "[" '
+                'goes inside such an array: ["[END]"])'
+            ) from None
+    if not isinstance(value, list):
+        raise ValueError(f"stop_sequences must be a list of strings or a comma-separated string, "
+                         f"got {type(value).__name__}")
+    for index, stop in enumerate(value):
+        if not isinstance(stop, str) or not stop:
+            raise ValueError(f"stop_sequences[{index}] must be a non-empty string, got {stop!r}")
+    if sum(map(len, value)) > MAX_TEXT_CHARS:
+        raise ValueError(f"stop_sequences holds more than {MAX_TEXT_CHARS} characters")
+    return _at_most_max_stops(tuple(value))
+
+
+def _at_most_max_stops(stops: tuple[str, ...]) -> tuple[str, ...]:
     if len(stops) > MAX_STOP_SEQUENCES:
         raise ValueError(f"stop_sequences has {len(stops)} entries; at most {MAX_STOP_SEQUENCES}")
     return stops
@@ -160,14 +199,13 @@ def validate_inputs(arguments: Mapping[str, Any], declarations: Declarations) ->
     value = {**declarations.defaults, **given}.get
     images = [(name, check_file(name, value(name), declarations.uploaded))
               for name in IMAGE_INPUTS if value(name) is not None]
-    prompt = _check_text("prompt", value("prompt"), optional=False)
-    if not prompt.strip():
-        raise ValueError("prompt must not be empty: ask something about the image")
-    history = parse_messages(_check_length("messages", value("messages"), optional=True))
-    check_image_tags(history, prompt, len(images), max_images=len(IMAGE_INPUTS))
-    stop = parse_stop_sequences(_check_text("stop_sequences", value("stop_sequences"), optional=True))
+    prompt = _check_text("prompt", value("prompt"), optional=True)
+    messages = parse_messages(_messages_value(value("messages")), max_text_chars=MAX_TEXT_CHARS)
     system_prompt = _check_text("system_prompt", value("system_prompt"), optional=True).strip()
+    conversation = request_conversation(messages, prompt, system_prompt, images, max_images=len(IMAGE_INPUTS))
+    stop = parse_stop_sequences(value("stop_sequences"))
     params = sampling_params({name: value(name) for name in _NUMBER_INPUTS}, stop, declarations.limits)
-    return PredictRequest(prompt=prompt, images=images, system_prompt=system_prompt, params=params,
-                          history=tuple(history))
+    return PredictRequest(prompt=conversation.prompt, images=list(conversation.images),
+                          system_prompt=conversation.system_prompt, params=params,
+                          history=conversation.history)
 

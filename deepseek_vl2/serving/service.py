@@ -209,12 +209,12 @@ def _in_context(context: contextvars.Context, pieces: Iterator[str]) -> Iterator
 
 
 def log_grounding(text: str, images: list[Image.Image]) -> None:
-    """Print the boxes of a grounding answer in pixels of the (first) input image."""
+    """Print the boxes of a grounding answer in pixels of the last image, the one they refer to."""
     if "<|det|>" not in text and "<｜det｜>" not in text:
         return
-    result = parse_grounding(text, image_size=images[0].size if images else None)
+    result = parse_grounding(text, image_size=images[-1].size if images else None)
     width, height = result.image_size or (0, 0)
-    print(f"grounding: {len(result.objects)} object(s), boxes in pixels of image 1 "
+    print(f"grounding: {len(result.objects)} object(s), boxes in pixels of image {len(images)} "
           f"({width}x{height}, x1 y1 x2 y2):", flush=True)
     for obj in result.objects:
         boxes = "; ".join(" ".join(f"{v:.0f}" for v in box) for box in obj.boxes or [])

@@ -415,3 +415,29 @@ def test_cli_fails_clearly_for_missing_arguments(tmp_path):
 
     missing_file = _run_cli("--image", "x.png", "--answer-file", str(tmp_path / "absent.txt"))
     assert missing_file.returncode != 0 and "cannot read answer file" in missing_file.stderr
+
+
+def test_cli_converts_against_the_last_of_several_images(tmp_path):
+    """The boxes of a request with several images refer to the last one (as in the official code)."""
+    first, last = tmp_path / "first.png", tmp_path / "last.png"
+    Image.new("RGB", (300, 200)).save(first)
+    _gradient_image(640, 480).save(last)
+    out_image = tmp_path / "out.png"
+    done = _run_cli("--image", str(first), "--image", str(last), "--out-image", str(out_image),
+                    "--answer", "<|ref|>dog<|/ref|><|det|>[[100, 200, 600, 900]]<|/det|>")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["image_size"] == [640, 480]
+    assert data["objects"][0]["boxes"] == [[64.06, 96.1, 384.38, 432.43]]
+    with Image.open(out_image) as drawn:
+        assert drawn.size == (640, 480)
+
+
+def test_server_log_gives_boxes_in_pixels_of_the_last_image(capsys):
+    from deepseek_vl2.serving.service import log_grounding
+
+    images = [Image.new("RGB", (100, 100)), Image.new("RGB", (640, 480))]
+    log_grounding("<|ref|>dog<|/ref|><|det|>[[100, 200, 600, 900]]<|/det|>", images)
+    logged = capsys.readouterr().out
+    assert "boxes in pixels of image 2 (640x480, x1 y1 x2 y2)" in logged
+    assert "dog: 64 96 384 432" in logged

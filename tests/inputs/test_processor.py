@@ -80,10 +80,10 @@ def test_build_conversation_keeps_existing_tags():
 
 def test_build_conversation_with_earlier_turns():
     history = [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "A bar."}]
-    assert build_conversation("And this?", 1, history=history) == [
-        {"role": USER, "content": "<image>\nWhat?"},
+    assert build_conversation("And this?", 1, history=history) == [  # untagged: the newest turn's
+        {"role": USER, "content": "What?"},
         {"role": ASSISTANT, "content": "A bar."},
-        {"role": USER, "content": "And this?"},
+        {"role": USER, "content": "<image>\nAnd this?"},
         {"role": ASSISTANT, "content": ""},
     ]
     assert history[0]["content"] == "What?"  # the caller's turns are not changed

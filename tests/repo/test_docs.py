@@ -86,7 +86,12 @@ def test_readme_inputs_row_matches_the_schema(name: str) -> None:
     assert name in properties, f"README documents an input the schema lacks: {name}"
     spec = properties[name]
     kind, default, allowed, _ = readme_input_rows()[name]
-    expected_kind = "file" if spec.get("format") == "uri" else spec["type"]
+    if spec.get("format") == "uri":
+        expected_kind = "file"
+    elif "anyOf" in spec:  # e.g. "string or array"
+        expected_kind = " or ".join(variant["type"] for variant in spec["anyOf"])
+    else:
+        expected_kind = spec["type"]
     assert kind == expected_kind
     if name in required:
         assert default == "required"

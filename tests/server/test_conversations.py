@@ -117,22 +117,118 @@ def test_a_client_request_gets_the_official_tokens(case: str) -> None:
     assert torch.equal(ours.images_spatial_crop, expected["images_spatial_crop"])
 
 
-@pytest.mark.parametrize("case", case_names())
-def test_images_without_tags_go_before_the_first_user_text(case: str) -> None:
-    """The same case with its leading tags removed: the images are put back where they were."""
-    prompt, history, files = client_request(case)
-    first = (history or [{"content": prompt}])[0]["content"]
+@pytest.mark.parametrize("case", [c for c in case_names() if not client_request(c)[1]])
+def test_images_without_tags_go_before_the_text(case: str) -> None:
+    """A one-turn case with its leading tags removed: the images are put back where they were."""
+    prompt, _, files = client_request(case)
     leading = IMAGE_TAG + "\n"
-    untagged = first.replace(leading, "", len(files))
-    rest = [turn["content"] for turn in history[1:]] + ([prompt] if history else [])
-    if not files or first != leading * len(files) + untagged or any(IMAGE_TAG in t for t in [untagged, *rest]):
-        pytest.skip(f"{case}: its images are not all tagged at the start of the first user turn")
-    if history:
-        history = [{**history[0], "content": untagged}, *history[1:]]
-    else:
-        prompt = untagged
-    assert torch.equal(prepared(prompt, history, files).input_ids,
+    untagged = prompt.replace(leading, "", len(files))
+    if not files or prompt != leading * len(files) + untagged or IMAGE_TAG in untagged:
+        pytest.skip(f"{case}: its images are not all tagged at the start of the prompt")
+    assert torch.equal(prepared(untagged, [], files).input_ids,
                        expected_processor_tensors(case)["input_ids"])
+
+
+def official_layout_ids(turns: list[tuple[str, str]], image_tokens: list[int]) -> list[int]:
+    """The official processor's ids written out by hand: bos; per user turn the template
+    "<|User|>: " + text + "\n\n<|Assistant|>:" encoded in pieces split at <image>, each tag
+    standing for its image's run of <image> ids; per assistant reply its text, then eos."""
+    tokenizer = generator().processor.tokenizer
+    vocab = tokenizer.get_vocab()
+    ids, images = [vocab["<｜begin▁of▁sentence｜>"]], iter(image_tokens)
+    for role, text in turns:
+        if role == "assistant":
+            ids += tokenizer.encode(text, add_special_tokens=False) + [vocab[EOS]]
+            continue
+        for index, piece in enumerate(f"<|User|>: {text}\n\n<|Assistant|>:".split(IMAGE_TAG)):
+            if index:
+                ids += [vocab[IMAGE_TAG]] * next(images)
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return ids
+
+
+def test_the_hand_written_layout_is_the_official_one() -> None:
+    """The layout above gives the official processor's ids for its own two-turn case."""
+    prompt, history, files = client_request("two_turn")
+    turns = [(t["role"], t["content"]) for t in history] + [("user", prompt)]
+    image_tokens = expected_processor_tensors("two_turn")["images_seq_mask"].sum().item()
+    assert official_layout_ids(turns, [image_tokens]) == expected_processor_tensors("two_turn")["input_ids"].flatten().tolist()
+
+
+def test_an_untagged_image_goes_to_the_newest_user_turn() -> None:
+    """A text turn, then a new image with the next question: the image goes before the new
+    question, as the official web demo writes it (not into the earlier turn)."""
+    image = reference_dir() / "inputs" / "small_200x150.png"
+    history = [{"role": "user", "content": "What is a square?"},
+               {"role": "assistant", "content": "A shape with four equal sides."}]
+    ours = prepared("Is there one here?", history, [image])
+    expected = official_layout_ids(
+        [("user", "What is a square?"), ("assistant", "A shape with four equal sides."),
+         ("user", "<image>\nIs there one here?")], [generator().processor.num_image_tokens(200, 150)])
+    assert ours.input_ids.flatten().tolist() == expected
+    # The same earlier turns keep the same leading tokens whatever the new turn brings.
+    text_only = prepared("Is there one here?", history, [])
+    prefix = len(official_layout_ids([("user", "What is a square?"),
+                                      ("assistant", "A shape with four equal sides.")], []))
+    assert torch.equal(ours.input_ids.flatten()[:prefix], text_only.input_ids.flatten()[:prefix])
+
+
+def prepared_arguments(**arguments: Any):
+    """prepare() of a request given as run() arguments (files as paths), as a prediction does."""
+    arguments = {name: CogPath(value) if name.startswith("image") else value for name, value in arguments.items()}
+    request = serving_inputs.validate_inputs(arguments, predict.DECLARED)
+    images = [load_image(source, name=name) for name, source in request.images]
+    return generator().prepare(request.prompt, images, request.system_prompt, request.history)
+
+
+def image_part(path: Path) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": data_uri(path)}}
+
+
+def _forms() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """(an OpenAI-style or new form, the plain form it must equal), by name."""
+    small = reference_dir() / "inputs" / "small_200x150.png"
+    wide = reference_dir() / "inputs" / "wide_1000x300.png"
+    earlier = [{"role": "user", "content": "What is this?"}, {"role": "assistant", "content": "A picture."}]
+    return {
+        "array = its JSON text": (dict(messages=earlier, prompt="And now?", image=small),
+                                  dict(messages=json.dumps(earlier), prompt="And now?", image=small)),
+        "system message = system_prompt": (
+            dict(messages=[{"role": "system", "content": " Be brief. "}, *earlier], prompt="And now?"),
+            dict(messages=earlier, prompt="And now?", system_prompt="Be brief.")),
+        "last user turn of messages = prompt": (
+            dict(messages=[*earlier, {"role": "user", "content": "And now?"}], image=small),
+            dict(messages=earlier, prompt="And now?", image=small)),
+        "text parts = their texts joined by newlines": (
+            dict(prompt="Hi", messages=[{"role": "user", "content": [{"type": "text", "text": "What"},
+                                                                     {"type": "text", "text": "is this?"}]},
+                                        earlier[1]]),
+            dict(prompt="Hi", messages=[{"role": "user", "content": "What\nis this?"}, earlier[1]])),
+        "image part, then text = the image input untagged": (
+            dict(messages=[*earlier, {"role": "user", "content": [image_part(wide),
+                                                                  {"type": "text", "text": "And now?"}]}]),
+            dict(messages=earlier, prompt="And now?", image=wide)),
+        "image part in an earlier turn = a tag there": (
+            dict(messages=[{"role": "user", "content": [image_part(wide), {"type": "text", "text": "What?"}]},
+                           earlier[1]], prompt="And now?"),
+            dict(messages=[{"role": "user", "content": "<image>\nWhat?"}, earlier[1]], prompt="And now?",
+                 image=wide)),
+        "image parts and image inputs mixed": (
+            dict(messages=[{"role": "user", "content": [image_part(wide)]}, earlier[1]],
+                 prompt="Compare with <image>.", image=small),
+            dict(messages=[{"role": "user", "content": "<image>"}, earlier[1]], prompt="Compare with <image>.",
+                 image=wide, image_2=small)),
+    }
+
+
+@pytest.mark.parametrize("form", list(_forms()) if reference_available() else [])
+def test_every_form_gives_the_tokens_of_its_plain_form(form: str) -> None:
+    given, plain = _forms()[form]
+    ours, expected = prepared_arguments(**given), prepared_arguments(**plain)
+    assert torch.equal(ours.input_ids, expected.input_ids)
+    assert torch.equal(ours.images_seq_mask, expected.images_seq_mask)
+    assert torch.equal(ours.images_spatial_crop, expected.images_spatial_crop)
+    assert torch.equal(ours.images, expected.images)
 
 
 @pytest.mark.parametrize("in_prompt", [1, 2])
@@ -246,3 +342,32 @@ def test_cancelling_a_text_only_conversation(server: CogServer) -> None:
     greedy = official_greedy(text_only)
     status, body = server.predict(http_inputs(text_only, temperature=0, max_length_tokens=greedy["n_new"]))
     assert _text(body) == greedy["text"]
+
+
+def test_openai_style_messages_through_cogs_server(server: CogServer) -> None:
+    """messages as a JSON array — a system message, the question as the last user turn with a
+    data: image part — gets the answer of its plain form."""
+    small = reference_dir() / "inputs" / "small_200x150.png"
+    earlier = [{"role": "user", "content": "What is this?"}, {"role": "assistant", "content": "A picture."}]
+    question = {"role": "user", "content": [image_part(small), {"type": "text", "text": "And now?"}]}
+    settings = {"temperature": 0, "max_length_tokens": 12}
+    openai = {"messages": [{"role": "system", "content": "Be brief."}, *earlier, question], **settings}
+    plain = {"messages": json.dumps(earlier), "system_prompt": "Be brief.", "prompt": "And now?",
+             "image": data_uri(small), **settings}
+    (status, ours), (_, expected) = server.predict(openai), server.predict(plain)
+    assert status == 200
+    assert _text(ours) == _text(expected)
+    assert ours["metrics"]["input_token_count"] == expected["metrics"]["input_token_count"]
+
+
+def test_stop_sequences_as_an_array_through_cogs_server(server: CogServer) -> None:
+    """An array's stop sequences are used exactly as sent (spaces and commas kept), as JSON or as
+    its text."""
+    single_image = next(c for c in case_names() if not client_request(c)[1] and client_request(c)[2])
+    request = http_inputs(single_image, temperature=0, max_length_tokens=40)
+    full = _text(server.predict(request)[1])
+    stops = [full[3:7], "never, seen"]
+    assert len(stops[0]) == 4
+    cut = full[:min(full.index(stop) for stop in stops if stop in full)]
+    for form in (stops, json.dumps(stops)):
+        assert _text(server.predict({**request, "stop_sequences": form})[1]) == cut

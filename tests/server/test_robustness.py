@@ -419,13 +419,25 @@ BAD_CONVERSATIONS = {
     "not an array": ({"messages": '{"role": "user", "content": "Hi"}'},
                      "messages must be a JSON array of turns, got an object"),
     "wrong role": ({"messages": '[{"role": "bot", "content": "Hi"}]'},
-                   'messages[0].role must be "user" or "assistant", got "bot"'),
+                   'messages[0].role must be "system", "user" or "assistant", got "bot"'),
     "wrong order": ({"messages": turns("Hi", "Hello").replace('"user"', '"assistant"', 1)},
                     "messages[0] is an assistant turn where a user turn belongs"),
-    "ends with a user turn": ({"messages": turns("Hi")},
-                              "messages ends with a user turn (messages[0]); end it with the assistant's reply"),
-    "content not a string": ({"messages": '[{"role": "user", "content": [{"type": "text"}]}]'},
-                             "messages[0].content must be a string, got an array"),
+    "user turn in messages and prompt": ({"messages": turns("Hi")},
+                                         "messages ends with a user turn (messages[0]) and prompt holds a "
+                                         "question too; leave prompt out"),
+    "no user turn to answer": ({"messages": turns("Hi", "Hello"), "prompt": None},
+                               "prompt must not be empty: ask something about the image, or end messages "
+                               "with the user turn to answer"),
+    "text part without text": ({"messages": '[{"role": "user", "content": [{"type": "text"}]}]'},
+                               "messages[0].content[0].text must be a string, got null"),
+    "http image part": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}], "prompt": None},
+        "messages[0].content[0].image_url is an http URL; images inside messages are never fetched"),
+    "system prompt twice": ({"messages": [{"role": "system", "content": "Be brief."}], "system_prompt": "Hi"},
+                            "the system prompt is given twice"),
+    "unreadable image part": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}],
+        "prompt": None, "image": None}, "messages[0].content[0]"),
     "image URL in a message": (
         {"messages": '[{"role": "user", "content": "Hi", "image_url": "http://127.0.0.1:9/x.png"}]'},
         "Images inside messages are never fetched or read"),
@@ -433,6 +445,11 @@ BAD_CONVERSATIONS = {
                               "the conversation (messages and prompt) has 2 <image> tag(s) but 1 image(s)"),
     "tag without any image": ({"image": None, "prompt": "What is in <image>?"},
                               "the prompt has 1 <image> tag(s) but 0 image(s)"),
+    "more than 4 images with image parts": (
+        {"image_2": "ok.png", "image_3": "ok.png", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * 2}, {
+            "role": "assistant", "content": "Two."}]},
+        "the request has 5 images (3 image input(s), 2 inside messages) but at most 4 fit in one request"),
     "images left unused": ({"image_2": "ok.png", "messages": turns("<image> What?", "Red.")},
                            "2 image(s) were given; put exactly one <image> tag in the user messages "
                            "for each image (add 1 more tag(s) for the images left unused)"),
@@ -907,10 +924,19 @@ def test_validate_inputs_cleans_prompt_and_system_prompt(image_dir) -> None:
         check_inputs(**direct_args(image_dir / "ok.png", prompt="\x00\x1b"))
 
 
-@pytest.mark.parametrize("name", ["prompt", "system_prompt", "messages"])
+@pytest.mark.parametrize("name", ["prompt", "system_prompt", "messages", "stop_sequences"])
 def test_validate_inputs_refuses_huge_text(image_dir, name: str) -> None:
-    with pytest.raises(ValueError, match=f"{name} is 100001 characters long"):
-        check_inputs(**direct_args(image_dir / "ok.png", **{name: "a" * 100_001}))
+    limit = serving_inputs.MAX_MESSAGES_CHARS if name == "messages" else serving_inputs.MAX_TEXT_CHARS
+    with pytest.raises(ValueError, match=f"{name} is {limit + 1} characters long"):
+        check_inputs(**direct_args(image_dir / "ok.png", **{name: "a" * (limit + 1)}))
+
+
+def test_validate_inputs_refuses_huge_text_in_messages(image_dir) -> None:
+    """The text of the turns has the prompt's limit, in either form of messages."""
+    turns = [{"role": "user", "content": "a" * 60_000}, {"role": "assistant", "content": "b" * 40_001}]
+    for form in (turns, json.dumps(turns)):
+        with pytest.raises(ValueError, match="messages holds 100001 characters of text; at most 100000"):
+            check_inputs(**direct_args(image_dir / "ok.png", messages=form))
 
 
 def raise_oom_holding(tensor_size: int) -> weakref.ref:

@@ -76,7 +76,7 @@ def test_valid_inputs_come_back_checked(image_file: Path) -> None:
                      temperature=0, top_p=1, max_length_tokens=16, seed=7,
                      stop_sequences=" </answer> ,###,, ")
     )
-    assert request.prompt == "What is in this picture?"
+    assert request.prompt == "<image>\n<image>\nWhat is in this picture?"  # untagged: before the text
     # image_2 left out: the images keep their order, the gap is skipped.
     assert request.images == [("image", image_file), ("image_3", second)]
     assert request.system_prompt == "Be brief."
@@ -98,7 +98,8 @@ def test_valid_inputs_come_back_checked(image_file: Path) -> None:
         ("max_length_tokens", 0), ("max_length_tokens", 4097), ("max_length_tokens", 10.5),
         ("seed", -1), ("seed", 2**32), ("seed", 1.5),
         ("prompt", ""), ("prompt", "   \n"), ("prompt", None), ("prompt", 42),
-        ("system_prompt", 3), ("stop_sequences", ["a"]), ("messages", 3), ("messages", "{}"),
+        ("system_prompt", 3), ("stop_sequences", [""]), ("stop_sequences", 3), ("stop_sequences", "[1"),
+        ("stop_sequences", ["a", 1]), ("messages", 3), ("messages", "{}"),
         ("image_2", 12),
     ],
 )  # fmt: skip
@@ -141,17 +142,33 @@ MALFORMED_CONVERSATIONS = [
      "Images inside messages are never fetched"),
     ({"messages": '[{"role": "user"}]'}, "messages[0] lacks 'content'"),
     ({"messages": '[{"role": "bot", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]'},
-     'messages[0].role must be "user" or "assistant", got "bot"'),
-    ({"messages": '[{"role": "system", "content": "Be brief"}]'}, "system_prompt input"),
+     'messages[0].role must be "system", "user" or "assistant", got "bot"'),
+    ({"messages": turns_json("Hi", "Yes")[:-1] + ', {"role": "system", "content": "Be brief"}]'},
+     "messages[2] is a system message; only the first message may be one (or use the system_prompt input)"),
+    ({"messages": '[{"role": "system", "content": "Be brief"}]', "system_prompt": "Be kind"},
+     "the system prompt is given twice, in system_prompt and as the first message of messages"),
     ({"messages": '[{"role": "assistant", "content": "Hi"}]'},
      "messages[0] is an assistant turn where a user turn belongs"),
     ({"messages": turns_json("Hi", "Yes").replace('"assistant"', '"user"')},
      "messages[1] is a user turn where an assistant turn belongs; the turns must alternate"),
-    ({"messages": turns_json("Hi")}, "messages ends with a user turn (messages[0]); end it with the assistant"),
-    ({"messages": turns_json("Hi", ["Yes"])}, "messages[1].content must be a string, got an array"),
-    ({"messages": turns_json("Hi", None)}, "messages[1].content must be a string, got null"),
+    ({"messages": turns_json("Hi")}, "messages ends with a user turn (messages[0]) and prompt holds a question too"),
+    ({"messages": turns_json("Hi", "Yes"), "prompt": " "}, "prompt must not be empty: ask something about the "
+     "image, or end messages with the user turn to answer"),
+    ({"messages": turns_json("Hi", ["Yes"])}, "messages[1].content[0] must be an object with a \"type\""),
+    ({"messages": turns_json("Hi", None)}, "messages[1].content must be a string or a list of parts, got null"),
+    ({"messages": turns_json([{"type": "text"}], "Yes")}, "messages[0].content[0].text must be a string, got null"),
+    ({"messages": turns_json([{"type": "input_audio"}], "Yes")},
+     "messages[0].content[0] has the type 'input_audio'; a part is of type \"text\" or \"image_url\""),
+    ({"messages": turns_json([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}], "Yes")},
+     "messages[0].content[0].image_url is an https URL; images inside messages are never fetched"),
+    ({"messages": turns_json([{"type": "image_url", "image_url": "file:///etc/passwd"}], "Yes")},
+     "messages[0].content[0].image_url must be a data: URI"),
+    ({"messages": turns_json([{"type": "image_url", "image_url": "data:image/png;base64,@@"}], "Yes")},
+     "messages[0].content[0].image_url is not valid base64"),
+    ({"messages": turns_json("Hi", [{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}])},
+     "messages[1] is an assistant message with an image; images go in user turns only"),
     ({"messages": turns_json("  ", "Yes")}, "messages[0].content is empty"),
-    ({"messages": turns_json("Hi", "<image> here")}, "messages[1] is an assistant turn with <image>"),
+    ({"messages": turns_json("Hi", "<image> here")}, "messages[1] is an assistant message with an image"),
     ({"messages": turns_json("Hi\u0007", "Yes")}, "messages[0].content contains the control character U+0007"),
     ({"messages": turns_json("Hi\ud800", "Yes")}, "contains the control character U+D800"),
     ({"messages": '[{"role": "user", "content": "Hi\x1b"}]'}, "messages contains the control character U+001B"),
@@ -179,9 +196,20 @@ def test_malformed_conversations_say_what_to_change(image_file: Path, changes: d
 
 
 def test_too_many_stop_sequences(image_file: Path) -> None:
-    stops = ",".join(f"s{i}" for i in range(serving_inputs.MAX_STOP_SEQUENCES + 1))
-    with pytest.raises(ValueError, match="stop_sequences"):
-        check_inputs(**valid_args(image_file, stop_sequences=stops))
+    stops = [f"s{i}" for i in range(serving_inputs.MAX_STOP_SEQUENCES + 1)]
+    for form in (",".join(stops), stops, json.dumps(stops)):
+        with pytest.raises(ValueError, match="stop_sequences has 17 entries"):
+            check_inputs(**valid_args(image_file, stop_sequences=form))
+
+
+def test_stop_sequences_as_an_array_are_kept_exactly(image_file: Path) -> None:
+    """Spaces, newlines and commas stay in an array's entries; the comma form is unchanged."""
+    stops = [" END ", "\n\n", "a, b", "[x]"]
+    for form in (stops, json.dumps(stops), "  " + json.dumps(stops)):
+        assert check_inputs(**valid_args(image_file, stop_sequences=form)).params.stop == tuple(stops)
+    assert check_inputs(**valid_args(image_file, stop_sequences=" a , b\n,")).params.stop == ("a", "b")
+    with pytest.raises(ValueError, match='starts with "\\[", so it is read as a JSON array'):
+        check_inputs(**valid_args(image_file, stop_sequences="[END]"))
 
 
 def test_direct_call_defaults_come_from_the_input_declarations(image_file: Path) -> None:
@@ -266,20 +294,24 @@ def test_schema_inputs_match_the_predict_signature() -> None:
         else:
             assert prop["default"] == declared.default
         assert prop.get("minimum") == declared.ge and prop.get("maximum") == declared.le
-    assert inputs["required"] == required == ["prompt"]
+    assert inputs.get("required", []) == required == []
     images = [name for name, prop in inputs["properties"].items() if prop.get("format") == "uri"]
     assert images == list(serving_inputs.IMAGE_INPUTS)
 
 
-def test_messages_is_a_text_field_whose_example_is_accepted() -> None:
-    """The web form shows `messages` as text; the example in its description is a valid value,
-    and the description says URLs in it are never fetched."""
-    prop = predictor_schema()["components"]["schemas"]["Input"]["properties"]["messages"]
-    assert prop["type"] == "string" and "format" not in prop and prop["nullable"] is True
+def test_messages_and_stops_are_text_or_arrays_and_the_example_is_accepted() -> None:
+    """`messages` and `stop_sequences` are a string or an array (anyOf); the messages example in
+    its description is a valid value, and the description says URLs in it are never fetched."""
+    properties = predictor_schema()["components"]["schemas"]["Input"]["properties"]
+    prop = properties["messages"]
+    assert prop["anyOf"] == [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]
+    assert "format" not in prop and prop["nullable"] is True
+    assert properties["stop_sequences"]["anyOf"] == [{"type": "string"},
+                                                     {"type": "array", "items": {"type": "string"}}]
     example = re.search(r"Example: (\[.*?\])\. ", prop["description"])
     assert example, prop["description"]
-    turns = parse_messages(example.group(1))
-    assert [turn["role"] for turn in turns] == ["user", "assistant"]
+    turns = parse_messages(example.group(1), max_text_chars=serving_inputs.MAX_TEXT_CHARS).turns
+    assert [turn.role for turn in turns] == ["user", "assistant"]
     assert "never fetched" in prop["description"]
     image = predictor_schema()["components"]["schemas"]["Input"]["properties"]["image"]
     assert image["nullable"] is True and "text-only" in image["description"]
@@ -767,15 +799,12 @@ def test_http_stream_sends_the_same_text_as_events(server, two_images) -> None:
 @pytest.mark.parametrize(
     "field, value",
     [("temperature", 2.5), ("top_p", 0), ("top_k", "many"), ("repetition_penalty", 0.5),
-     ("max_length_tokens", 4097), ("seed", -1), ("image_2", None), ("prompt", None),
-     ("messages", [{"role": "user", "content": "Hi"}])],
+     ("max_length_tokens", 4097), ("seed", -1), ("image_2", None), ("messages", [1]),
+     ("messages", {"role": "user"}), ("stop_sequences", ["a", 1]), ("stop_sequences", 3)],
 )
 def test_http_refuses_bad_inputs_with_422(server, field: str, value: Any) -> None:
     inputs = {"image": data_uri(reference_dir() / "inputs" / "small_200x150.png"), "prompt": "Hi"}
-    if value is None and field == "prompt":
-        del inputs["prompt"]  # missing required input
-    else:
-        inputs[field] = value
+    inputs[field] = value
     status, body = server.predict(inputs)
     assert status == 422, body
     assert field in [entry["loc"][-1] for entry in body["detail"]]
