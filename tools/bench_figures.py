@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from deepseek_vl2.model.config import LanguageConfig
+from deepseek_vl2.weights.memory_plan import plan_memory
 
 READ_BLOCK = 16 << 20
 # Peak HBM bandwidth by GPU name (vendor data sheets), for the decode roofline.
@@ -89,6 +90,23 @@ def reset_peak_memory(device: torch.device) -> None:
     """Restart CUDA's peak counter (process RSS peaks cannot be reset)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_check(generators: dict[str, Any], fmt: str, prefill_chunk: int) -> dict[str, Any]:
+    """The memory plan (deepseek_vl2/weights/memory_plan.py) of this run beside what the allocator
+    saw: ``estimate_allocated`` is the plan less the CUDA runtime (outside the allocator), with one
+    decode state per generator (each mode holds its own); compare it with ``max_allocated``."""
+    first = next(iter(generators.values()))
+    model = first.model
+    n_params = sum(p.numel() for name, p in model.named_parameters() if not name.endswith("_scale"))
+    plan = plan_memory(model.config, fmt, first.engine.slots, n_params, prefill_chunk=prefill_chunk,
+                       kv_bucket=first.kv_bucket, graphs=any(g.engine.use_graphs for g in generators.values()),
+                       dtype=model.dtype)
+    estimate = plan.total - plan.cuda_runtime + (len(generators) - 1) * plan.decode_state
+    cuda = model.device.type == "cuda"
+    return {"plan": plan.as_dict(), "decode_states": len(generators), "estimate_allocated": estimate,
+            "max_allocated": torch.cuda.max_memory_allocated(model.device) if cuda else None,
+            "max_reserved": torch.cuda.max_memory_reserved(model.device) if cuda else None}
 
 
 def read_files_seconds(files: list[Path]) -> tuple[float, int]:

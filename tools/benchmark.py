@@ -50,7 +50,7 @@ from deepseek_vl2.model.checkpoint import load_model, weight_files  # noqa: E402
 from deepseek_vl2.model.multimodal import DeepseekVL2  # noqa: E402
 from deepseek_vl2.model.quantization import quantize_experts  # noqa: E402
 from tools.bench_figures import (  # noqa: E402
-    Report, activated_parameters, kv_cache_bytes_per_position, peak_bandwidth_gbs, peak_memory_bytes,
+    Report, activated_parameters, kv_cache_bytes_per_position, memory_check, peak_bandwidth_gbs, peak_memory_bytes,
     read_files_seconds, reset_peak_memory, synthetic_image,
 )
 from tools.random_model import build_random_model  # noqa: E402
@@ -467,6 +467,8 @@ def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
     warm = warm_compiled(generators, int(inputs.input_ids.numel()), args.new_tokens, max_seconds=args.warmup_seconds)
     runs = alternate(generators, inputs, args.new_tokens, args.repeats)
     sampled = sampled_runs(generators, inputs, args.new_tokens, args.sampled == "warmed") if args.sampled != "off" else {}
+    memory = memory_check(generators, args.quantize[0], args.prefill_chunk)  # before the rows reset the peak
+    EMIT("memory", **memory)
     context = inputs.input_ids.numel() + args.new_tokens / 2
     peak = peak_bandwidth_gbs(args.device, args.peak_bandwidth_gbs)
 
@@ -516,7 +518,7 @@ def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
             target = f" (target {'≥' if row['better'] == 'higher' else '≤'} {row['target']})" if row["target"] else ""
             report.add(f"row_{row['key']}", row["row"], shown, row["unit"] + target)
     results = {"peak_bandwidth_gbs": peak, "runs": runs, "sampled": sampled, "warmup_seconds": warm,
-               "target_rows": rows, "modes_measured": list(generators)}
+               "target_rows": rows, "modes_measured": list(generators), "memory": memory}
     EMIT("done", modes_measured=list(generators))
     return report, results
 

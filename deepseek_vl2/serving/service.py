@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import sys
 import threading
@@ -32,7 +33,6 @@ from deepseek_vl2.grounding import parse_grounding
 from deepseek_vl2.inputs.images import load_image
 from deepseek_vl2.model.checkpoint import default_device, default_dtype, weight_files
 from deepseek_vl2.model.config import load_config
-from deepseek_vl2.model.quantization import expert_parameters
 from deepseek_vl2.serving import coglet_bridge
 from deepseek_vl2.serving.errors import user_facing_error
 from deepseek_vl2.serving.inputs import PredictRequest
@@ -84,8 +84,10 @@ class Service:
         if free_bytes is None:
             print("no CUDA GPU found: running on the CPU in float32 (slow)", flush=True)
         quantize_setting = settings.quantize
-        quantize = weights.choose_weight_format(quantize_setting, weights.parameters_on_disk(files),
-                                                expert_parameters(config.language), free_bytes, config.variant)
+        plan = weights.fit_memory(quantize_setting, config, weights.parameters_on_disk(files), free_bytes,
+                                  slots=settings.slots, prefill_chunk=settings.prefill_chunk, kv_bucket=settings.kv_bucket,
+                                  graphs=settings.compile_on(device.type), dtype=dtype)
+        quantize, settings = plan.fmt, dataclasses.replace(settings, slots=plan.slots)  # fewer if the GPU holds fewer
         # The persistent decode state (KV cache + step buffers) is sized here for every slot.
         engine = Generator.load(checkpoint, device=device, dtype=dtype, prefill_chunk=settings.prefill_chunk,
                                 compile=settings.compile, max_batch=settings.slots, kv_bucket=settings.kv_bucket,

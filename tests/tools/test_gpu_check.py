@@ -54,6 +54,9 @@ def test_every_variant_measures_its_target_rows_and_a_sampled_request(dry_run) -
         assert set(result["sampled"]) == modes
         assert all(run["temperature"] == 0.7 and run["top_p"] == 0.9 and run["decode_tokens_per_second"] > 0
                    for run in result["sampled"].values())
+        memory = result["memory"]  # the plan beside the allocator's peak (None on the CPU)
+        assert memory["decode_states"] == len(modes) and memory["max_allocated"] is None
+        assert 0 < memory["estimate_allocated"] < memory["plan"]["total"] == result["benchmark"]["memory"]["plan"]["total"]
     assert report["speed:tiny"]["benchmark"]["warmup_seconds"]["compiled"] > 0
 
 

@@ -254,6 +254,7 @@ def speed_stage(check: Check, stage: str) -> dict[str, Any]:
     lines = check.lines(source="benchmark", variant=variant)
     result["rows"] = [line for line in lines if line["event"] == "row"]
     result["sampled"] = {line["mode"]: line for line in lines if line["event"] == "sampled"}
+    result["memory"] = next((line for line in lines if line["event"] == "memory"), None)  # estimate vs max allocated
     result["mode_failed"] = [line for line in lines if line["event"] == "mode_failed"]
     result["complete"] = any(line["event"] == "done" for line in lines)
     return result

@@ -88,6 +88,12 @@ def markdown(report: dict[str, Any]) -> str:
                              f"TTFT {fmt(run['ttft_seconds'])} s")
             lines += [f"- {stage}: mode {f['mode']} FAILED in {f['where']}: {f['error'][:300]}"
                       for f in report[stage].get("mode_failed", [])]
+            memory = report[stage].get("memory")
+            if memory:
+                measured = "n/a (CPU)" if memory["max_allocated"] is None else f"{memory['max_allocated'] / 2**30:.2f} GiB"
+                lines.append(f"- {stage} memory: estimate {memory['estimate_allocated'] / 2**30:.2f} GiB allocated "
+                             f"({memory['decode_states']} decode state(s); plan total {memory['plan']['total'] / 2**30:.2f} "
+                             f"GiB with the CUDA runtime) vs torch.cuda.max_memory_allocated {measured}")
     parity = report.get("parity")
     if parity:
         if "passed" in parity:
