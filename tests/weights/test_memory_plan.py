@@ -18,8 +18,8 @@ from deepseek_vl2.weights import memory_plan
 from deepseek_vl2.weights.memory_plan import GIB, decode_state_bytes, plan_memory
 from deepseek_vl2.weights.sizing import fit_memory
 from deepseek_vl2.weights.variants import VARIANTS
-from scripts.make_test_checkpoint import CANDIDATE_RESOLUTIONS
-from scripts.random_model import random_config_json
+from tools.checkpoints import CANDIDATE_RESOLUTIONS
+from tools.random_model import random_config_json
 
 SETTINGS = {"prefill_chunk": DEFAULT_PREFILL_CHUNK, "kv_bucket": DEFAULT_KV_BUCKET, "graphs": True}
 
