@@ -6,13 +6,14 @@ slots, cache sizes) never reaches another module.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from deepseek_vl2.engine.generation import Generator
+from deepseek_vl2.engine.scheduler import BatchScheduler
 from scripts.make_test_checkpoint import make_checkpoint
 
 VARIANTS = ("tiny", "small", "base")
@@ -40,3 +41,10 @@ def generator(request: pytest.FixtureRequest, random_checkpoint: Callable[[str],
     A test that needs one variant only narrows it:
     ``@pytest.mark.parametrize("generator", ["tiny"], indirect=True)``."""
     return Generator.load(random_checkpoint(request.param), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def scheduler(generator: Generator) -> Iterator[BatchScheduler]:
+    """The scheduler running ``generator``'s requests (as many slots as its decode state), closed after the test."""
+    with BatchScheduler(generator) as running:
+        yield running
