@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from deepseek_vl2.engine.generation import Generator
+from deepseek_vl2.engine.scheduler import BatchScheduler
 from tools.checkpoints import make_checkpoint
 from tools.testing.cog_server import CogServer, cog_server
 
@@ -71,3 +72,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(folder)
         if "cog_predictor" in getattr(item, "fixturenames", ()):
             item.add_marker("server")
+
+
+@pytest.fixture
+def scheduler(generator: Generator) -> Iterator[BatchScheduler]:
+    """The scheduler running ``generator``'s requests (as many slots as its decode state), closed after the test."""
+    with BatchScheduler(generator) as running:
+        yield running

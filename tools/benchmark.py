@@ -6,13 +6,13 @@ The model is random weights of a variant's real shape drawn directly on the devi
 (``--random-weights``, the default; ``tools/random_model.py``; ``--layers`` / ``--vision-layers``
 shorten it for CPU runs, ``--size reduced`` makes it tiny for smoke runs), or ``--checkpoint DIR``
 (then setup is timed against a plain read of the weight files). One model serves every mode: each
-mode is a ``Generator`` over it: ``eager``, ``compiled`` (``torch.compile``, CUDA graphs on CUDA) or
-``graphs`` (the eager step replayed as CUDA graphs: the GPU check's rung when compiling fails). A
-mode that fails (a compiler missing, say) is dropped with a ``mode_failed`` line; the other modes
-go on. Every request goes through
-``Generator.stream`` with ``SamplingParams(temperature=0, ignore_eos=True)``, so it produces
-exactly ``--new-tokens`` tokens; the figures come from ``Generator.last_stats``: TTFT from the start
-of the request (embedding, vision tower, prefill) to the first token id on the host, decode speed
+mode is a ``Generator`` over it with its ``BatchScheduler``: ``eager``, ``compiled``
+(``torch.compile``, CUDA graphs on CUDA) or ``graphs`` (the eager step replayed as CUDA graphs: the
+GPU check's rung when compiling fails). A mode that fails (a compiler missing, say) is dropped with
+a ``mode_failed`` line; the other modes go on. Every request goes through the scheduler, the path
+that serves, with ``SamplingParams(temperature=0, ignore_eos=True)``, so it produces exactly
+``--new-tokens`` tokens; the figures come from the request's stats: TTFT from the start of the
+request (embedding, vision tower, prefill) to the first token id on the host, decode speed
 (new − 1) / (total − TTFT). Processor time is reported separately. One sampled request per mode
 (temperature 0.7, top_p 0.9) gives the ``sampled`` figures (the full sampler in the step).
 
@@ -45,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from deepseek_vl2.engine.generation import DEFAULT_PREFILL_CHUNK, Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
+from deepseek_vl2.engine.scheduler import BatchScheduler  # noqa: E402
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs  # noqa: E402
 from deepseek_vl2.model.checkpoint import load_model, weight_files  # noqa: E402
 from deepseek_vl2.model.multimodal import DeepseekVL2  # noqa: E402
@@ -166,7 +167,9 @@ def guarded(generators: dict[str, "Generator"], mode: str, where: str, work: Any
     try:
         return work()
     except Exception as error:  # noqa: BLE001 - one mode's failure (a missing compiler, say) must not lose the rest
-        generators.pop(mode, None)
+        dropped = generators.pop(mode, None)
+        if dropped is not None and dropped.scheduler is not None:
+            dropped.scheduler.close()
         EMIT("mode_failed", mode=mode, where=where, error=f"{type(error).__name__}: {error}"[:2000])
         print(f"mode {mode} failed in {where}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return None
@@ -205,8 +208,9 @@ def synchronize(device: torch.device) -> None:
 
 def make_generators(model: DeepseekVL2, processor: DeepseekVL2Processor, args: argparse.Namespace,
                     max_batch: int) -> dict[str, Generator]:
-    """One Generator per mode over the same model, each with its own persistent decode state; with
-    several --quantize formats, also one per mode over an 8-bit copy (named "MODE+FORMAT")."""
+    """One Generator per mode over the same model, each with its own persistent decode state and its
+    ``BatchScheduler`` of ``max_batch`` slots (``generator.scheduler``); with several --quantize
+    formats, also one per mode over an 8-bit copy (named "MODE+FORMAT")."""
     models = {"": model, **{f"+{fmt}": quantize_experts(copy.deepcopy(model), fmt) for fmt in args.quantize[1:]}}
     generators = {}
     for suffix, each in models.items():
@@ -215,6 +219,7 @@ def make_generators(model: DeepseekVL2, processor: DeepseekVL2Processor, args: a
                                   max_batch=max_batch, max_len=args.max_len)
             if mode == "graphs":
                 generator.engine.use_graphs = True
+            BatchScheduler(generator, max_batch=max_batch, max_len=generator.engine.max_len)
             generators[mode + suffix] = generator
     return generators
 
@@ -239,13 +244,11 @@ SAMPLED = dict(temperature=0.7, top_p=0.9, seed=0)  # the sampled request's para
 
 def run_request(generator: Generator, inputs: ProcessedInputs, new_tokens: int, sampled: bool = False
                 ) -> dict[str, float]:
-    """Generate exactly ``new_tokens`` tokens (eos ignored) through ``Generator.stream``: greedy, or
-    sampled with :data:`SAMPLED`."""
+    """Generate exactly ``new_tokens`` tokens (eos ignored) through the generator's scheduler: greedy,
+    or sampled with :data:`SAMPLED`."""
     params = SamplingParams(**(SAMPLED if sampled else dict(temperature=0.0)), max_new_tokens=new_tokens,
                             ignore_eos=True, stop=())
-    for _ in generator.stream(inputs, params):
-        pass
-    stats = generator.last_stats
+    stats = generator.scheduler.run(inputs, params).stats
     if stats.new_tokens != new_tokens:
         raise RuntimeError(f"asked for {new_tokens} tokens, got {stats.new_tokens} ({stats.finish_reason})")
     decode = stats.total_seconds - stats.time_to_first_token
@@ -332,23 +335,19 @@ def bandwidth(model: DeepseekVL2, decode_tokens_per_second: float, context: floa
 
 # ----------------------------------------------------------------------------- concurrency
 def run_concurrent(generator: Generator, inputs: ProcessedInputs, level: int, new_tokens: int) -> dict[str, float]:
-    """``level`` identical greedy requests submitted at once to one BatchScheduler (eos ignored)."""
-    from deepseek_vl2.engine.scheduler import BatchScheduler
-
+    """``level`` identical greedy requests submitted at once to the generator's scheduler (eos ignored)."""
+    scheduler = generator.scheduler
+    if level > scheduler.max_batch:
+        raise ValueError(f"{level} requests at once need {level} slots; the scheduler has {scheduler.max_batch}")
     prompt_tokens = int(inputs.input_ids.numel())
-    scheduler = BatchScheduler(generator, max_batch=level, max_len=generator.engine.max_len)
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True, stop=())
-    try:
-        for _ in scheduler.submit(inputs, SamplingParams(temperature=0.0, max_new_tokens=2, stop=())):
-            pass  # warm-up
-        start = time.perf_counter()
-        handles = [scheduler.submit(inputs, params) for _ in range(level)]
-        for handle in handles:
-            for _ in handle:
-                pass
-        wall = time.perf_counter() - start
-    finally:
-        scheduler.close()
+    scheduler.run(inputs, SamplingParams(temperature=0.0, max_new_tokens=2, stop=()))  # warm-up
+    start = time.perf_counter()
+    handles = [scheduler.submit(inputs, params) for _ in range(level)]
+    for handle in handles:
+        for _ in handle:
+            pass
+    wall = time.perf_counter() - start
     tokens = sum(handle.stats.new_tokens for handle in handles)
     return {"concurrency": level, "prompt_tokens": prompt_tokens, "wall_seconds": wall,
             "aggregate_tokens_per_second": tokens / wall,
@@ -520,6 +519,8 @@ def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
     results = {"peak_bandwidth_gbs": peak, "runs": runs, "sampled": sampled, "warmup_seconds": warm,
                "target_rows": rows, "modes_measured": list(generators), "memory": memory}
     EMIT("done", modes_measured=list(generators))
+    for generator in generators.values():
+        generator.scheduler.close()
     return report, results
 
 

@@ -19,25 +19,24 @@ The settings come from the caller (a server reads them once into an
 * ``config`` / ``weight_files``: an already-parsed config and the checkpoint's safetensors
   files, so that setup reads ``config.json`` and the file headers once.
 
-:meth:`Generator.warmup` compiles (and captures) the decode buckets and returns their seconds;
-:meth:`Generator.stream` generates one request; :meth:`Generator.generate_ids` and
-:meth:`Generator.generate_with_logits` return its ids (and per-step logits).
+:meth:`Generator.warmup` compiles (and captures) the decode buckets and returns their seconds.
 
-The pieces are shared by the single-request path and the batching scheduler: a
+A Generator holds the steps of a request; the :class:`~.scheduler.BatchScheduler` is the one
+thing that runs them (every request, single or batched, goes through it; docs/engine.md). A
 :class:`~.request.Request` is one request's state (phase, slot, length, random generator, text
 streamer); :meth:`Generator.admit` / :meth:`Generator.release` hand it a decode-state slot and
 take it back; :meth:`Generator.prefill_step` fills its slot of the KV cache;
 :meth:`Generator.sample` picks the first token from the prefill logits;
 :meth:`Generator.next_tokens` runs one decode step (any set of requests together) and reads the
-new token ids, the only host read of the step; :meth:`Generator.accept` records one token.
-:meth:`Generator.decode_logits` is the eager reference path over a caller-owned cache.
+new token ids, the only host read of the step; :meth:`Generator.accept` records one token. A
+request made with ``record_logits`` keeps the logits each of its tokens was chosen from.
 """
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -45,13 +44,15 @@ from PIL import Image
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs, build_conversation
 from deepseek_vl2.model.checkpoint import load_model
 from deepseek_vl2.model.config import DeepseekVL2Config
-from deepseek_vl2.model.kv_cache import KVCache
 from deepseek_vl2.model.multimodal import DeepseekVL2
 from .config import DEFAULT_KV_BUCKET, DEFAULT_PREFILL_CHUNK, resolve_compile
 from .decode import DecodeEngine
 from .request import GenerationStats, Phase, Request
 from .sampling import SamplingParams, draw_uniforms, make_generator, make_seen_mask, sample_next, update_seen
 from .streaming import TextStreamer, hidden_special_ids
+
+if TYPE_CHECKING:
+    from .scheduler import BatchScheduler
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ class Generator:
         self.model = model
         self.processor = processor
         self.prefill_chunk = prefill_chunk
-        self.last_stats = GenerationStats()
-        self.last_tokens: list[int] = []
+        # the one scheduler running this generator's requests (it alone hands out the decode state's slots)
+        self.scheduler: Optional["BatchScheduler"] = None
         self.hidden_token_ids = hidden_special_ids(processor.tokenizer)  # grounding tags stay visible
         self.engine = DecodeEngine(model, max_batch, max_len or self.context_length,
                                    resolve_compile(compile, model.device.type), kv_bucket)
@@ -165,13 +166,12 @@ class Generator:
         return self.token_limit if limit is None else min(limit, self.token_limit)
 
     # ----------------------------------------------------------------------------- steps
-    def new_request(self, inputs: ProcessedInputs, params: SamplingParams, slot: Optional[int] = 0,
-                    limit: Optional[int] = None) -> Request:
-        """Set up a request's state (no model work yet).
+    def new_request(self, inputs: ProcessedInputs, params: SamplingParams, limit: Optional[int] = None, *,
+                    record_logits: bool = False) -> Request:
+        """Set up a WAITING request's state (no model work yet; :meth:`admit` gives it a slot).
 
-        ``slot``: the cache row it writes — a decode-state slot from ``engine.acquire()``, row 0
-        of a caller-owned cache (the default), or None: it WAITS until :meth:`admit` (a
-        scheduler) gives it one. Raises ContextLengthError when the prompt cannot fit ``limit``.
+        ``record_logits``: keep the logits [V] each token is chosen from (``Request.step_logits``).
+        Raises ContextLengthError when the prompt cannot fit ``limit``.
         """
         prompt_tokens = int(inputs.input_ids.numel())
         max_new = self.budget(prompt_tokens, params.max_new_tokens, limit=limit, inputs=inputs)
@@ -184,7 +184,8 @@ class Generator:
         stats = GenerationStats(prompt_tokens=prompt_tokens, max_new_tokens=max_new, seed=seed)
         streamer = TextStreamer(self.processor.tokenizer, self.hidden_token_ids, params.stop)
         seen = make_seen_mask([inputs.input_ids], vocab, device)
-        return Request(inputs, params, max_new, seen, generator, streamer, stats, slot=slot)
+        return Request(inputs, params, max_new, seen, generator, streamer, stats,
+                       step_logits=[] if record_logits else None)
 
     def admit(self, request: Request) -> None:
         """Give a WAITING request the lowest free decode-state slot (raises SlotsExhaustedError)."""
@@ -197,17 +198,16 @@ class Generator:
             self.engine.release(slot)
 
     @torch.inference_mode()
-    def prefill_step(self, request: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> bool:
-        """Write the next chunk of the prompt into ``request``'s cache slot; True once the prompt is in.
+    def prefill_step(self, request: Request) -> bool:
+        """Write the next ``prefill_chunk`` tokens of the prompt into ``request``'s slot of the decode
+        state's KV cache; True once the prompt is in.
 
-        ``cache`` defaults to the persistent decode state's. The first call embeds the prompt
-        (vision tower over all tiles in one batch); the last sets ``request.next_logits`` and the
-        phase SAMPLING.
+        The first call embeds the prompt (vision tower over all tiles in one batch); the last sets
+        ``request.next_logits`` and the phase SAMPLING.
         """
         if request.phase is not Phase.PREFILLING or request.slot is None:
             raise RuntimeError(f"only a request holding a slot prefills; this one is {request.phase.value}")
-        chunk = chunk or self.prefill_chunk
-        cache = cache if cache is not None else self.engine.state.cache
+        chunk, cache = self.prefill_chunk, self.engine.state.cache
         if request.embeds is None:
             inputs = request.inputs
             request.embeds = self.model.embed_inputs(
@@ -224,11 +224,6 @@ class Generator:
         request.next_logits, request.embeds, request.phase = logits[0, -1], None, Phase.SAMPLING
         return True
 
-    def prefill(self, request: Request, cache: Optional[KVCache] = None, chunk: Optional[int] = None) -> None:
-        """Write the whole prompt into ``request``'s cache slot, chunk by chunk; sets ``request.next_logits``."""
-        while not self.prefill_step(request, cache, chunk):
-            pass
-
     def next_tokens(self, requests: Sequence[Request]) -> list[int]:
         """One decode step for ``requests`` (each holding a slot, its first token chosen): the new token
         of each, read in the step's one host read. Record them with :meth:`accept`.
@@ -237,8 +232,11 @@ class Generator:
         so after an exception here the requests' device rows may be a step ahead of them: a
         caller fails them rather than stepping them again.
         """
-        tokens, _ = self.decode_step(requests)
+        tokens, logits = self.decode_step(requests)
         ids = tokens.tolist()  # the step's one host read
+        for s in requests:
+            if s.step_logits is not None:  # a copy: on CUDA the next step overwrites the graph's outputs
+                s.step_logits.append(logits[s.slot].float().clone())
         return [ids[s.slot] for s in requests]
 
     def decode_step(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,21 +279,6 @@ class Generator:
                 draw_uniforms([request.generator], [True], scratch)
         request.phase = Phase.SAMPLING
 
-    @torch.inference_mode()
-    def decode_logits(self, requests: Sequence[Request], cache: KVCache) -> torch.Tensor:
-        """Eager reference path over a caller-owned ``cache``: feed each request's last token at its
-        next position and return the logits [B, V] (choose the tokens with :meth:`sample`)."""
-        device = self.model.device
-        tokens = torch.tensor([[s.last_token] for s in requests], device=device)
-        positions = torch.tensor([[s.length] for s in requests], device=device)
-        slots = torch.tensor([s.slot for s in requests], device=device)
-        needed = max(s.length for s in requests) + 1
-        kv_len = min(cache.max_len, -(-needed // self.kv_bucket) * self.kv_bucket)
-        logits = self.model.forward_tokens(tokens, positions, cache, slots, kv_len)[:, -1]
-        for s in requests:
-            s.length += 1
-        return logits
-
     def sample(self, requests: Sequence[Request], logits: torch.Tensor) -> list[str]:
         """Choose each SAMPLING request's next token from logits [B, V] (the first token, after
         prefill); returns the text each may emit now."""
@@ -303,6 +286,8 @@ class Generator:
         tokens = sample_next(logits, seen, [s.params for s in requests], [s.generator for s in requests])
         for row, s in enumerate(requests):
             update_seen(s.seen, tokens[row : row + 1])  # stays on the device
+            if s.step_logits is not None:
+                s.step_logits.append(logits[row].float().clone())
         return [self.accept(s, token) for s, token in zip(requests, tokens.tolist())]
 
     def accept(self, request: Request, token: int) -> str:
@@ -323,41 +308,3 @@ class Generator:
         piece += request.streamer.finish()
         request.finish(reason)
         return piece
-
-    # ----------------------------------------------------------------------------- one request
-    def stream(self, inputs: ProcessedInputs, params: SamplingParams) -> Iterator[str]:
-        """Generate for one request, yielding text pieces as tokens arrive (stats in ``last_stats``)."""
-        for piece, _ in self._generate(inputs, params, keep_logits=False):
-            if piece:
-                yield piece
-
-    def _generate(self, inputs: ProcessedInputs, params: SamplingParams,
-                  keep_logits: bool) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-        """(text piece, the logits the token was chosen from when ``keep_logits``) per new token."""
-        request = self.new_request(inputs, params, slot=None)
-        self.last_stats, self.last_tokens = request.stats, request.tokens
-        self.admit(request)
-        try:
-            self.prefill(request)
-            logits = request.next_logits
-            piece = self.sample([request], logits.unsqueeze(0))[0]
-            while True:
-                yield piece, (logits.clone() if keep_logits else None)
-                if request.finished:
-                    return
-                tokens, all_logits = self.decode_step([request])
-                logits = all_logits[request.slot]
-                piece = self.accept(request, tokens.tolist()[request.slot])
-        finally:
-            self.release(request)
-
-    def generate_ids(self, inputs: ProcessedInputs, params: SamplingParams) -> list[int]:
-        """All generated token ids (eos included when it was produced)."""
-        for _ in self.stream(inputs, params):
-            pass
-        return list(self.last_tokens)
-
-    def generate_with_logits(self, inputs: ProcessedInputs, params: SamplingParams) -> tuple[list[int], torch.Tensor]:
-        """Generated ids and the raw logits [n, V] (float32) each was chosen from (HF ``output_logits``)."""
-        logits = [step for _, step in self._generate(inputs, params, keep_logits=True)]
-        return list(self.last_tokens), torch.stack(logits)

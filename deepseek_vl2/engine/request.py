@@ -2,8 +2,8 @@
 
 Everything the engine knows about a request lives here: its inputs and sampling parameters,
 where it is (:class:`Phase`), the decode-state slot it holds (None when it holds none), the
-tokens in its cache, the tokens it generated, its random generator, its text streamer, its
-statistics and, once it ended badly, its error. The decode state (``engine/decode.py``) keeps
+tokens in its cache, the tokens it generated (and, when asked, the logits each was chosen from),
+its random generator, its text streamer, its statistics and, once it ended badly, its error. The decode state (``engine/decode.py``) keeps
 only device rows indexed by slot and the list of free slots; a scheduler's handle keeps only
 the queue its text is delivered through.
 """
@@ -71,7 +71,8 @@ class Request:
     generator: torch.Generator
     streamer: TextStreamer
     stats: GenerationStats
-    slot: Optional[int] = None  # the decode-state slot (or caller-owned cache row) it writes; None: none held
+    step_logits: Optional[list[torch.Tensor]] = None  # [V] float32 per token chosen, when asked for; else None
+    slot: Optional[int] = None  # the decode-state slot it writes; None: none held
     phase: Phase = Phase.WAITING
     length: int = 0  # tokens in its cache rows
     tokens: list[int] = field(default_factory=list)
@@ -80,10 +81,6 @@ class Request:
     error: Optional[BaseException] = None  # why it failed (phase FINISHED, finish_reason "error")
     started: float = field(default_factory=time.perf_counter)
     cancel_requested: threading.Event = field(default_factory=threading.Event)  # set from any thread
-
-    def __post_init__(self) -> None:
-        if self.slot is not None and self.phase is Phase.WAITING:
-            self.phase = Phase.PREFILLING
 
     @property
     def finished(self) -> bool:

@@ -7,9 +7,12 @@ multi-image prompt delays the others by at most one chunk per turn; prompts take
 which requests take one batched decode step together, each with its own sampling parameters,
 seed and stop rule.
 
-:class:`BatchScheduler` is the driver: a background thread that asks for a plan each turn and
-carries it out, a condition variable that wakes it, and delivery of each request's text through
-its :class:`~.handle.RequestHandle`. Cancelling a request ends it at the next turn. A failure
+:class:`BatchScheduler` is the driver, and the one way a request runs: a background thread that
+asks for a plan each turn and carries it out, a condition variable that wakes it, and delivery of
+each request's text through its :class:`~.handle.RequestHandle`. It alone hands out the decode
+state's slots (one scheduler per :class:`~.generation.Generator` at a time). :meth:`BatchScheduler.run`
+is the single-request call (warm-up, tools, tests): submit, wait for the end, return the
+:class:`~.request.Request` (its tokens, stats and, when asked, per-token logits). Cancelling a request ends it at the next turn. A failure
 fails its own request only: a prefill or a token's bookkeeping belongs to one request; a failed
 batched decode step is rewound (every request of the step back to what it has recorded, see
 :meth:`~.generation.Generator.rewind`) and each request is stepped alone, so the one that fails
@@ -26,15 +29,14 @@ from typing import Generic, Optional, Sequence, TypeVar
 
 from deepseek_vl2.inputs.processor import ProcessedInputs
 from .config import DEFAULT_MAX_WAITING
-from .decode import SlotsExhaustedError
 from .generation import Generator
 from .handle import RequestHandle
+from .request import Request
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
-SLOT_POLL_SECONDS = 0.01  # how often requests waiting for slots held outside the scheduler look again
 
 
 class CapacityError(RuntimeError):
@@ -56,8 +58,7 @@ def schedule(waiting: Sequence[Item], prefilling: Sequence[Item], decoding: Sequ
 
     ``waiting``: requests without a slot, oldest first; ``prefilling``: those whose prompt is
     going in, the next to run first; ``decoding``: those generating. ``free_slots``: slots of the
-    decode state nobody holds (a single-request caller may hold some); ``max_batch``: requests
-    that may hold a slot through this scheduler at once.
+    decode state nobody holds; ``max_batch``: requests that may hold a slot at once.
     """
     room = max(0, min(free_slots, max_batch - len(prefilling) - len(decoding)))
     admit = tuple(islice(waiting, room))
@@ -66,15 +67,24 @@ def schedule(waiting: Sequence[Item], prefilling: Sequence[Item], decoding: Sequ
 
 
 class BatchScheduler:
-    """Runs requests of one :class:`Generator` concurrently in ``max_batch`` cache slots."""
+    """Runs the requests of one :class:`Generator` concurrently in ``max_batch`` cache slots.
 
-    def __init__(self, generator: Generator, max_batch: int = 8, max_len: Optional[int] = None,
+    ``max_batch`` defaults to the decode state's slots, ``max_len`` to the model's context. A
+    generator has one scheduler at a time: :meth:`close` it (or leave its ``with`` block) before
+    building another over the same generator.
+    """
+
+    def __init__(self, generator: Generator, max_batch: Optional[int] = None, max_len: Optional[int] = None,
                  max_waiting: int = DEFAULT_MAX_WAITING) -> None:
+        if generator.scheduler is not None:
+            raise RuntimeError("this generator already has a running scheduler (it alone hands out the decode "
+                               "state's slots); close that one first")
         self.generator = generator
-        self.max_batch = max_batch
+        self.max_batch = max_batch or generator.engine.slots
         self.max_len = max_len or generator.context_length
         self.max_waiting = max_waiting
-        generator.reserve(max_batch, self.max_len)  # the persistent decode state, grown once if needed
+        generator.reserve(self.max_batch, self.max_len)  # the persistent decode state, grown once if needed
+        generator.scheduler = self
         self.engine = generator.engine
         self._waiting: deque[RequestHandle] = deque()
         self._prefilling: deque[RequestHandle] = deque()
@@ -85,9 +95,12 @@ class BatchScheduler:
         self._thread.start()
 
     # ----------------------------------------------------------------------------- API
-    def submit(self, inputs: ProcessedInputs, params: SamplingParams) -> RequestHandle:
-        """Queue a request; a prompt that cannot fit or a full queue raise here, in the caller."""
-        handle = RequestHandle(self.generator.new_request(inputs, params, slot=None, limit=self.max_len))
+    def submit(self, inputs: ProcessedInputs, params: SamplingParams, *, record_logits: bool = False) -> RequestHandle:
+        """Queue a request; a prompt that cannot fit or a full queue raise here, in the caller.
+
+        ``record_logits``: the request keeps the logits each token was chosen from (``step_logits``)."""
+        request = self.generator.new_request(inputs, params, limit=self.max_len, record_logits=record_logits)
+        handle = RequestHandle(request)
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 raise CapacityError(f"the server is at capacity ({self.max_waiting} requests waiting); retry shortly")
@@ -95,12 +108,28 @@ class BatchScheduler:
             self._wake.notify()
         return handle
 
+    def run(self, inputs: ProcessedInputs, params: SamplingParams, *, record_logits: bool = False) -> Request:
+        """Run one request to its end, waiting for it: the finished Request (``tokens``, ``stats``,
+        ``step_logits`` when ``record_logits``). Raises what failed it."""
+        handle = self.submit(inputs, params, record_logits=record_logits)
+        for _ in handle:
+            pass
+        return handle.request
+
     def close(self) -> None:
-        """Stop the loop thread (pending requests are failed)."""
+        """Stop the loop thread (pending requests are failed); the generator may take another scheduler."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        if self.generator.scheduler is self:
+            self.generator.scheduler = None
+
+    def __enter__(self) -> "BatchScheduler":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def active(self) -> int:
@@ -109,7 +138,7 @@ class BatchScheduler:
 
     @property
     def cache(self):
-        """The KV cache of the generator's persistent decode state (shared with ``Generator.stream``)."""
+        """The KV cache of the generator's persistent decode state."""
         return self.engine.state.cache
 
     # ----------------------------------------------------------------------------- the driver
@@ -123,15 +152,9 @@ class BatchScheduler:
                 self._drop_cancelled()
                 plan = schedule(self._waiting, self._prefilling, self._decoding, len(self.engine.free_slots),
                                 self.max_batch)
-                try:
-                    for handle in plan.admit:
-                        self.generator.admit(handle.request)
-                        self._prefilling.append(self._waiting.popleft())
-                except SlotsExhaustedError:  # a single-request stream took a free slot meanwhile
-                    continue  # plan again with the slots that are free now
-                if plan.prefill is None and not plan.decode:  # only waiting, for slots held outside
-                    self._wake.wait(timeout=SLOT_POLL_SECONDS)  # their release does not notify: poll, don't spin
-                    continue
+                for handle in plan.admit:
+                    self.generator.admit(handle.request)
+                    self._prefilling.append(self._waiting.popleft())
             if plan.prefill is not None:
                 self._prefill(plan.prefill)
             if plan.decode:

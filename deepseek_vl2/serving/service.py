@@ -99,13 +99,13 @@ class Service:
               f"{'in ' + quantize if quantize != 'none' else 'unquantized'} ({weights.QUANTIZE_ENV}="
               f"{quantize_setting})", flush=True)
         if engine.engine.compiled:  # every batch × KV bucket, logged one line each, within a bound
-            engine.warmup(max_seconds=settings.warmup_seconds)
+            engine.warmup(max_seconds=settings.warmup_seconds)  # before the scheduler thread exists
+        service = cls(engine, settings)
         blank = Image.new("RGB", (64, 64), (127, 127, 127))  # first request pays no lazy setup
-        for _ in engine.stream(engine.prepare(f"{IMAGE_TAG}\nWhat is this?", [blank]),
-                               SamplingParams(temperature=0.0, max_new_tokens=2)):
-            pass
+        service.scheduler.run(engine.prepare(f"{IMAGE_TAG}\nWhat is this?", [blank]),
+                              SamplingParams(temperature=0.0, max_new_tokens=2))
         print(f"warm-up took {time.perf_counter() - loaded:.1f} s", flush=True)
-        return cls(engine, settings)
+        return service
 
     # ------------------------------------------------------------------------- predictions
     async def answer(self, request: PredictRequest, record: Record) -> Iterator[str]:

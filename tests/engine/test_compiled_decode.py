@@ -8,6 +8,8 @@ attention, q-LoRA, group-limited routing).
 from __future__ import annotations
 
 import functools
+import re
+import threading
 import types
 
 import pytest
@@ -16,6 +18,7 @@ from torch._dynamo.utils import counters
 
 from deepseek_vl2.engine.decode import batch_buckets
 from deepseek_vl2.engine.generation import Generator
+from deepseek_vl2.engine.request import Phase
 from deepseek_vl2.engine.sampling import SamplingParams
 from deepseek_vl2.engine.scheduler import BatchScheduler
 from deepseek_vl2.model.checkpoint import load_model
@@ -30,11 +33,22 @@ LOGIT_TOL = dict(atol=1e-4, rtol=1e-4)  # the fixture README's tolerance for gre
 
 
 @functools.lru_cache(maxsize=None)
-def generators(config: str) -> tuple[Generator, Generator]:
-    """(eager, compiled) generators sharing one float32 model of a reference checkpoint."""
+def schedulers(config: str) -> tuple[BatchScheduler, BatchScheduler]:
+    """(eager, compiled) schedulers of 3 slots, their generators sharing one float32 model of a
+    reference checkpoint (their threads wait, idle, between tests)."""
     model = load_model(checkpoint_dir(config), device="cpu", dtype=torch.float32)
     processor = processor_for(config)
-    return Generator(model, processor, compile=False), Generator(model, processor, compile=True)
+    return tuple(BatchScheduler(Generator(model, processor, compile=mode), max_batch=3, max_len=4096)
+                 for mode in (False, True))
+
+
+def _ids(scheduler: BatchScheduler, inputs, params: SamplingParams) -> list[int]:
+    return scheduler.run(inputs, params).tokens
+
+
+def _ids_and_logits(scheduler: BatchScheduler, inputs, params: SamplingParams) -> tuple[list[int], torch.Tensor]:
+    request = scheduler.run(inputs, params, record_logits=True)
+    return request.tokens, torch.stack(request.step_logits)
 
 
 def _cases() -> list:
@@ -53,11 +67,11 @@ def _greedy(n_new: int, penalty: float = 1.0) -> SamplingParams:
 @pytest.mark.parametrize(("config", "case"), _cases())
 def test_compiled_decode_matches_eager_and_reference(config: str, case: str) -> None:
     expected, meta = expected_outputs(config, case)
-    eager, compiled = generators(config)
+    eager, compiled = schedulers(config)
     inputs = processed_case(config, case)
     n_new = meta["greedy"]["n_new"]
-    tokens, logits = compiled.generate_with_logits(inputs, _greedy(n_new))
-    eager_tokens, eager_logits = eager.generate_with_logits(inputs, _greedy(n_new))
+    tokens, logits = _ids_and_logits(compiled, inputs, _greedy(n_new))
+    eager_tokens, eager_logits = _ids_and_logits(eager, inputs, _greedy(n_new))
     assert tokens == eager_tokens == meta["greedy"]["new_tokens"]
     reference = expected["greedy_step_logits"]
     diff = (logits[: len(reference)] - reference).abs().max().item()
@@ -65,59 +79,71 @@ def test_compiled_decode_matches_eager_and_reference(config: str, case: str) -> 
     assert (logits - eager_logits).abs().max().item() <= 1e-4
     key = "greedy_repetition_penalty_1.1"
     if key in meta and config == "tiny":  # the sampler's graph is the same for every model: compile it once
-        penalised = compiled.generate_ids(inputs, _greedy(meta[key]["n_new"], 1.1))
-        assert penalised == meta[key]["new_tokens"] == eager.generate_ids(inputs, _greedy(meta[key]["n_new"], 1.1))
+        penalised = _ids(compiled, inputs, _greedy(meta[key]["n_new"], 1.1))
+        assert penalised == meta[key]["new_tokens"] == _ids(eager, inputs, _greedy(meta[key]["n_new"], 1.1))
 
 
 @requires_reference
 def test_no_recompilation_over_64_steps_and_across_kv_buckets() -> None:
-    _, compiled = generators("tiny")
+    _, compiled = schedulers("tiny")
     inputs = processed_case("tiny", "text_only")  # 17 prompt tokens: 64 steps stay in the first KV bucket
     params = SamplingParams(temperature=0.0, max_new_tokens=65, ignore_eos=True)
-    compiled.generate_ids(inputs, params)  # compiles (or reuses) the greedy step
+    _ids(compiled, inputs, params)  # compiles (or reuses) the greedy step
     before = dict(counters["stats"]), dict(counters["frames"])
-    assert len(compiled.generate_ids(inputs, params)) == 65
+    assert len(_ids(compiled, inputs, params)) == 65
     assert (dict(counters["stats"]), dict(counters["frames"])) == before, "the step recompiled inside one bucket"
     long_prompt = processed_case("tiny", "small_200x150")  # 433 tokens: KV bucket 512, another kv_len
-    compiled.generate_ids(long_prompt, SamplingParams(temperature=0.0, max_new_tokens=3))
+    _ids(compiled, long_prompt, SamplingParams(temperature=0.0, max_new_tokens=3))
     assert dict(counters["stats"]).get("unique_graphs") == before[0].get("unique_graphs"), \
         "a new KV bucket must reuse the compiled step (kv_len is dynamic)"
 
 
 @requires_reference
 def test_compiled_batched_decode_equals_single_and_eager() -> None:
-    eager, compiled = generators("tiny")
+    eager, compiled = schedulers("tiny")
     cases = ["text_only", "small_200x150", "two_turn"]
     inputs = [processed_case("tiny", c) for c in cases]
     params = [_greedy(9), SamplingParams(temperature=0.8, top_p=0.9, top_k=40, max_new_tokens=7, seed=5),
               SamplingParams(temperature=0.6, repetition_penalty=1.3, max_new_tokens=8, seed=9, ignore_eos=True)]
-    single = [compiled.generate_ids(i, p) for i, p in zip(inputs, params)]
-    assert single == [eager.generate_ids(i, p) for i, p in zip(inputs, params)]
-    scheduler = BatchScheduler(compiled, max_batch=3, max_len=4096)
-    try:
-        handles = [scheduler.submit(i, p) for i, p in zip(inputs, params)]
-        for handle in handles:
-            "".join(handle)
-        assert [h.request.tokens for h in handles] == single
-    finally:
-        scheduler.close()
+    single = [_ids(compiled, i, p) for i, p in zip(inputs, params)]
+    assert single == [_ids(eager, i, p) for i, p in zip(inputs, params)]
+    handles = [compiled.submit(i, p) for i, p in zip(inputs, params)]
+    for handle in handles:
+        "".join(handle)
+    assert [h.request.tokens for h in handles] == single
 
 
 @requires_reference
-def test_warmup_reports_buckets_and_leaves_a_running_request_alone() -> None:
-    _, compiled = generators("tiny")
+def test_warmup_reports_buckets_and_leaves_a_running_request_alone(monkeypatch) -> None:
+    """A warm-up while a request is decoding (its scheduler held after its fourth token) leaves that
+    request's tokens exactly as they are without one."""
+    _, compiled = schedulers("tiny")
+    generator = compiled.generator
     inputs = processed_case("tiny", "text_only")
     params = SamplingParams(temperature=0.7, max_new_tokens=12, seed=2, ignore_eos=True)
-    expected = compiled.generate_ids(inputs, params)
-    stream = compiled._generate(inputs, params, keep_logits=False)
-    for _ in range(4):
-        next(stream)
-    timings = compiled.warmup(rows=[1], kv_lens=[256, 512], modes=["greedy", "full"])
+    expected = _ids(compiled, inputs, params)
+    paused, resume = threading.Event(), threading.Event()
+    real_accept = generator.accept
+
+    def accept_pausing_after_four(request, token):
+        piece = real_accept(request, token)
+        if len(request.tokens) == 4:
+            paused.set()
+            resume.wait(timeout=300)
+        return piece
+
+    monkeypatch.setattr(generator, "accept", accept_pausing_after_four)
+    handle = compiled.submit(inputs, params)
+    assert paused.wait(timeout=120), "the request never reached its fourth token"
+    try:
+        assert handle.request.phase is Phase.DECODING
+        timings = generator.warmup(rows=[1], kv_lens=[256, 512], modes=["greedy", "full"])
+    finally:
+        resume.set()
     assert sorted(timings) == sorted(f"rows=1 kv={kv} mode={m}" for kv in (256, 512) for m in ("greedy", "full"))
     assert all(seconds >= 0 for seconds in timings.values())
-    for _ in stream:
-        pass
-    assert compiled.last_tokens == expected
+    "".join(handle)
+    assert handle.request.tokens == expected
 
 
 def test_batch_buckets() -> None:
@@ -209,7 +235,7 @@ def test_moe_decode_uses_the_indexed_path_only_when_compiling() -> None:
 
 @requires_reference
 def test_vision_tower_uses_fused_attention_on_all_tiles_in_one_batch() -> None:
-    eager, _ = generators("tiny")
+    eager = schedulers("tiny")[0].generator
     vision = eager.model.vision
     assert all(block.attn.fused_attn for block in vision.blocks), "timm must use F.scaled_dot_product_attention"
     inputs = processed_case("tiny", "two_images")  # 7 tiles of two images

@@ -37,8 +37,10 @@ def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int, 
     params = [SamplingParams(temperature=0.7 if b % 2 else 0.0, top_k=5, seed=b) for b in range(batch)]
     seqs = []
     for b in range(batch):
-        seq = generator.new_request(generator.prepare(f"Hello number {b}", []), params[b], slot=generator.engine.acquire())
-        generator.prefill(seq)
+        seq = generator.new_request(generator.prepare(f"Hello number {b}", []), params[b])
+        generator.admit(seq)
+        while not generator.prefill_step(seq):
+            pass
         generator.sample([seq], seq.next_logits.unsqueeze(0))
         seqs.append(seq)
     # The path a GPU takes: the CPU's eager MoE loops over experts on the host
@@ -60,7 +62,7 @@ def test_decode_step_and_sampling_do_not_sync(generator: Generator, batch: int, 
         assert not syncing, f"host-synchronising ops in the decode step: {syncing}"
     finally:
         for seq in seqs:
-            generator.engine.release(seq.slot)
+            generator.release(seq)
 
 
 def test_first_token_sampling_does_not_sync(generator: Generator) -> None:

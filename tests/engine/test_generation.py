@@ -26,33 +26,31 @@ def _greedy(max_new: int = 8) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_new_tokens=max_new)
 
 
-def _prefill_logits(gen: Generator, inputs, chunk: int) -> tuple[torch.Tensor, list[int]]:
-    seq = gen.new_request(inputs, _greedy(6))
-    cache = gen.model.new_cache(1, seq.stats.prompt_tokens + 6)
-    gen.prefill(seq, cache, chunk)
-    first = seq.next_logits.clone()
-    logits = first.unsqueeze(0)
-    while True:
-        gen.sample([seq], logits)
-        if seq.finished:
-            return first, seq.tokens
-        logits = gen.decode_logits([seq], cache)
+def _prefill_logits(scheduler: BatchScheduler, inputs, chunk: int) -> tuple[torch.Tensor, list[int]]:
+    """The first token's logits (from the prefill) and the greedy tokens, prefilling ``chunk`` tokens at a time."""
+    generator, default = scheduler.generator, scheduler.generator.prefill_chunk
+    generator.prefill_chunk = chunk
+    try:
+        request = scheduler.run(inputs, _greedy(6), record_logits=True)
+    finally:
+        generator.prefill_chunk = default
+    return request.step_logits[0], request.tokens
 
 
-def test_chunked_prefill_equals_whole_prompt(generator: Generator) -> None:
+def test_chunked_prefill_equals_whole_prompt(generator: Generator, scheduler: BatchScheduler) -> None:
     inputs = generator.prepare("Describe <image> briefly.", [_image()])
     total = inputs.input_ids.numel()
-    whole_logits, whole_tokens = _prefill_logits(generator, inputs, chunk=total)
+    whole_logits, whole_tokens = _prefill_logits(scheduler, inputs, chunk=total)
     for chunk in (1, 7, 64):
-        logits, tokens = _prefill_logits(generator, inputs, chunk)
+        logits, tokens = _prefill_logits(scheduler, inputs, chunk)
         diff = (logits - whole_logits).abs().max().item()
         assert diff < 1e-4, f"chunk {chunk}: max logit diff {diff}"
         assert tokens == whole_tokens, f"chunk {chunk}"
 
 
-def test_cached_decode_equals_full_forward(generator: Generator) -> None:
+def test_cached_decode_equals_full_forward(generator: Generator, scheduler: BatchScheduler) -> None:
     inputs = generator.prepare("Hello there, what is this?", [])
-    tokens = generator.generate_ids(inputs, _greedy(6))
+    tokens = scheduler.run(inputs, _greedy(6)).tokens
     ids = torch.cat([inputs.input_ids, torch.tensor(tokens[:-1])]).unsqueeze(0)
     with torch.inference_mode():
         logits = generator.model.forward_tokens(ids, torch.arange(ids.shape[1]).unsqueeze(0))[0]
@@ -60,23 +58,23 @@ def test_cached_decode_equals_full_forward(generator: Generator) -> None:
     assert recomputed == tokens
 
 
-def test_seed_reproducible_and_distinct(generator: Generator) -> None:
+def test_seed_reproducible_and_distinct(generator: Generator, scheduler: BatchScheduler) -> None:
     inputs = generator.prepare("Tell me a story about <image>", [_image(300, 300)])
     params = lambda seed: SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=12, seed=seed)  # noqa: E731
-    first = generator.generate_ids(inputs, params(1))
-    again = generator.generate_ids(inputs, params(1))
-    other = generator.generate_ids(inputs, params(2))
+    first = scheduler.run(inputs, params(1)).tokens
+    again = scheduler.run(inputs, params(1)).tokens
+    other = scheduler.run(inputs, params(2)).tokens
     assert first == again
     assert first != other
-    assert generator.generate_ids(inputs, _greedy(5)) == generator.generate_ids(inputs, _greedy(5))
+    assert scheduler.run(inputs, _greedy(5)).tokens == scheduler.run(inputs, _greedy(5)).tokens
 
 
-def test_stream_pieces_join_to_decode_and_stats(generator: Generator) -> None:
+def test_stream_pieces_join_to_decode_and_stats(generator: Generator, scheduler: BatchScheduler) -> None:
     inputs = generator.prepare("Say something.", [])
     params = SamplingParams(temperature=0.7, max_new_tokens=10, seed=3)
-    pieces = list(generator.stream(inputs, params))
-    tokens = list(generator.last_tokens)
-    stats = generator.last_stats
+    handle = scheduler.submit(inputs, params)
+    pieces = list(handle)
+    tokens, stats = handle.request.tokens, handle.stats
     expected = generator.processor.tokenizer.decode(
         [t for t in tokens if t not in generator.hidden_token_ids and t < len(generator.processor.tokenizer)]
     )
@@ -99,9 +97,9 @@ def test_batched_requests_equal_sequential(generator: Generator) -> None:
     inputs = [generator.prepare(p, imgs) for p, imgs in prompts]
     params = [_greedy(7), SamplingParams(temperature=0.8, max_new_tokens=9, seed=11),
               _greedy(5), SamplingParams(temperature=0.5, top_k=5, max_new_tokens=6, seed=5)]
-    sequential = [generator.generate_ids(i, p) for i, p in zip(inputs, params)]
     scheduler = BatchScheduler(generator, max_batch=3, max_len=2048)
     try:
+        sequential = [scheduler.run(i, p).tokens for i, p in zip(inputs, params)]
         handles = [scheduler.submit(i, p) for i, p in zip(inputs, params)]
         texts = [None] * len(handles)
 
@@ -141,13 +139,13 @@ def test_scheduler_cancel_frees_slot_and_failure_is_isolated(generator: Generato
         scheduler.close()
 
 
-def test_kv_length_bucketing_does_not_change_results(generator: Generator) -> None:
+def test_kv_length_bucketing_does_not_change_results(generator: Generator, scheduler: BatchScheduler) -> None:
     inputs = generator.prepare("Bucket test <image>", [_image(300, 200)])
     params = SamplingParams(temperature=0.9, max_new_tokens=10, seed=4)
-    bucketed = generator.generate_ids(inputs, params)
+    bucketed = scheduler.run(inputs, params).tokens
     generator.kv_bucket = 1
     try:
-        exact = generator.generate_ids(inputs, params)
+        exact = scheduler.run(inputs, params).tokens
     finally:
         generator.kv_bucket = 256
     assert bucketed == exact
@@ -172,7 +170,9 @@ def test_ignore_eos_runs_to_max_new_tokens(tmp_path) -> None:
     path = make_checkpoint(tmp_path / "eos", variant="tiny", seed=3, eos_boost=40.0)  # eos comes early
     gen = Generator.load(path, device="cpu", dtype=torch.float32)
     inputs = gen.prepare("Hello", [])
-    stopped = gen.generate_ids(inputs, _greedy(8))
-    assert stopped[-1] == gen.eos_id and len(stopped) < 8 and gen.last_stats.finish_reason == "stop"
-    ignored = gen.generate_ids(inputs, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))
-    assert len(ignored) == 8 and ignored[: len(stopped)] == stopped and gen.last_stats.finish_reason == "length"
+    with BatchScheduler(gen) as scheduler:
+        stopped = scheduler.run(inputs, _greedy(8))
+        ignored = scheduler.run(inputs, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))
+    assert stopped.tokens[-1] == gen.eos_id and len(stopped.tokens) < 8 and stopped.stats.finish_reason == "stop"
+    assert len(ignored.tokens) == 8 and ignored.tokens[: len(stopped.tokens)] == stopped.tokens
+    assert ignored.stats.finish_reason == "length"

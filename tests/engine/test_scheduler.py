@@ -10,7 +10,6 @@ import threading
 import pytest
 import torch
 
-from deepseek_vl2.engine.decode import SlotsExhaustedError
 from deepseek_vl2.engine.generation import Generator
 from deepseek_vl2.engine.request import Phase
 from deepseek_vl2.engine.sampling import SamplingParams
@@ -98,16 +97,18 @@ def _run_batched(generator: Generator, params: list[SamplingParams]) -> list[obj
 
 
 def _sequential(generator: Generator, params: list[SamplingParams]) -> list[list[int]]:
-    return [generator.generate_ids(generator.prepare(p, []), q) for p, q in zip(PROMPTS, params)]
+    """Each request's tokens run alone, one after another, through a one-slot scheduler."""
+    with BatchScheduler(generator, max_batch=1, max_len=1024) as scheduler:
+        return [scheduler.run(generator.prepare(p, []), q).tokens for p, q in zip(PROMPTS, params)]
 
 
 def test_a_request_goes_through_its_phases(generator: Generator) -> None:
-    request = generator.new_request(generator.prepare("Hi", []), SamplingParams(temperature=0.0, max_new_tokens=2),
-                                    slot=None)
+    request = generator.new_request(generator.prepare("Hi", []), SamplingParams(temperature=0.0, max_new_tokens=2))
     assert request.phase is Phase.WAITING and request.slot is None
     generator.admit(request)
     assert request.phase is Phase.PREFILLING and request.slot is not None
-    generator.prefill(request)
+    while not generator.prefill_step(request):
+        assert request.phase is Phase.PREFILLING
     assert request.phase is Phase.SAMPLING and request.next_logits is not None
     generator.sample([request], request.next_logits.unsqueeze(0))
     assert request.phase is Phase.SAMPLING
@@ -181,53 +182,31 @@ def test_a_failure_recording_one_token_fails_that_request_only(generator: Genera
     assert [first, third] == [expected[0], expected[2]]
 
 
-def test_a_slot_taken_between_plan_and_admission_leaves_the_request_waiting(generator: Generator,
-                                                                            monkeypatch) -> None:
-    """Another caller (a single-request stream) may take the free slot the plan counted: the
-    request waits for the next turn instead of stopping the scheduler."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
-    inputs = generator.prepare("Hi", [])
-    expected = generator.generate_ids(inputs, params)
-    real_admit = generator.admit
-    refused = []
-
-    def admit_refusing_once(request):
-        if not refused:
-            refused.append(request)
-            raise SlotsExhaustedError("all slots taken meanwhile (injected)")
-        return real_admit(request)
-
-    monkeypatch.setattr(generator, "admit", admit_refusing_once)
-    scheduler = BatchScheduler(generator, max_batch=2, max_len=1024)
+def test_a_generator_runs_one_scheduler_at_a_time(generator: Generator) -> None:
+    """The scheduler alone hands out the decode state's slots: a second one over the same generator is
+    refused until the first is closed."""
+    first = BatchScheduler(generator, max_batch=2, max_len=1024)
     try:
-        handle = scheduler.submit(inputs, params)
-        reader = threading.Thread(target=lambda: "".join(handle), daemon=True)
-        reader.start()
-        reader.join(timeout=60)
-        assert not reader.is_alive(), "the request never finished: the scheduler stopped"
-        assert refused and handle.request.tokens == expected
+        with pytest.raises(RuntimeError, match="already has a running scheduler"):
+            BatchScheduler(generator, max_batch=2, max_len=1024)
     finally:
-        scheduler.close()
+        first.close()
+    with BatchScheduler(generator, max_batch=2, max_len=1024) as second:
+        assert generator.scheduler is second
+    assert generator.scheduler is None
 
 
-def test_a_request_waits_while_every_slot_is_held_outside_and_runs_once_one_is_free(generator: Generator) -> None:
-    params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
-    inputs = generator.prepare("Hi", [])
-    expected = generator.generate_ids(inputs, params)
-    scheduler = BatchScheduler(generator, max_batch=2, max_len=1024)
-    held = [generator.engine.acquire() for _ in range(len(generator.engine.free_slots))]
-    try:
-        handle = scheduler.submit(inputs, params)
-        reader = threading.Thread(target=lambda: "".join(handle), daemon=True)
-        reader.start()
-        reader.join(timeout=0.5)
-        assert reader.is_alive() and handle.request.phase is Phase.WAITING and handle.request.slot is None
-        for slot in held:
-            generator.engine.release(slot)
-        held = []
-        reader.join(timeout=60)
-        assert not reader.is_alive() and handle.request.tokens == expected
-    finally:
-        for slot in held:
-            generator.engine.release(slot)
-        scheduler.close()
+def test_requests_beyond_the_slots_wait_and_keep_their_tokens(generator: Generator) -> None:
+    """Three requests submitted at once to a one-slot scheduler run one after another, each with
+    exactly its tokens alone, and every slot is free at the end."""
+    params = _params()
+    expected = _sequential(generator, params)
+    with BatchScheduler(generator, max_batch=1, max_len=1024) as scheduler:
+        inputs = [generator.prepare(p, []) for p in PROMPTS]
+        handles = [scheduler.submit(i, q) for i, q in zip(inputs, params)]
+        outcomes = [("".join(handle), handle.request.tokens)[1] for handle in handles]
+        assert scheduler.active == 0 and sorted(generator.engine.free_slots) == list(range(generator.engine.slots))
+    assert outcomes == expected
+    ends = [h.request.started + h.stats.total_seconds for h in handles]
+    first_tokens = [h.request.started + h.stats.time_to_first_token for h in handles]
+    assert all(first_tokens[k + 1] >= ends[k] for k in range(2)), "two requests held the one slot at once"

@@ -165,6 +165,7 @@ def test_compiled_decode_step_with_8bit_experts_equals_eager(fmt: str, tmp_path_
     tokens and step logits equal the eager engine's (looped 8-bit experts)."""
     from deepseek_vl2.engine.generation import Generator
     from deepseek_vl2.engine.sampling import SamplingParams
+    from deepseek_vl2.engine.scheduler import BatchScheduler
     from deepseek_vl2.inputs.processor import DeepseekVL2Processor
 
     path = _checkpoint("small", str(tmp_path_factory.getbasetemp()))
@@ -173,7 +174,11 @@ def test_compiled_decode_step_with_8bit_experts_equals_eager(fmt: str, tmp_path_
     eager, compiled = (Generator(model, processor, compile=mode) for mode in (False, True))
     inputs = eager.prepare("Hello there, describe a cat.", [])
     params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True, stop=())
-    eager_tokens, eager_logits = eager.generate_with_logits(inputs, params)
-    tokens, logits = compiled.generate_with_logits(inputs, params)
+    runs = []
+    for generator in (eager, compiled):
+        with BatchScheduler(generator) as scheduler:
+            request = scheduler.run(inputs, params, record_logits=True)
+        runs.append((request.tokens, torch.stack(request.step_logits)))
+    (eager_tokens, eager_logits), (tokens, logits) = runs
     assert tokens == eager_tokens
     torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)

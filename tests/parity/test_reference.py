@@ -73,6 +73,7 @@ from deepseek_vl2.model.checkpoint import load_model  # noqa: E402
 from deepseek_vl2.model.moe import Gate  # noqa: E402
 from deepseek_vl2.engine.generation import Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
+from deepseek_vl2.engine.scheduler import BatchScheduler  # noqa: E402
 from tools.parity.reference_data import expected_outputs, test_device  # noqa: E402
 from tools.parity.bf16_bounds import bf16_figures, bf16_problems  # noqa: E402
 from tools.parity.bf16_check import bf16_runs, gate_margin, perturb_by_float32_rounding, reference_runs  # noqa: E402
@@ -105,7 +106,7 @@ if DEVICE.type == "cuda":  # float32 parity needs real float32 matmuls and convo
 @functools.lru_cache(maxsize=None)
 def _generator_cached(root: str, config: str, dtype: torch.dtype = torch.float32) -> Generator:
     model = load_model(checkpoint_dir(config), device=DEVICE, dtype=dtype)
-    return Generator(model, processor_for(config))
+    return Generator(model, processor_for(config), compile=False)  # the compiled step: test_compiled_decode.py
 
 
 def generator_for(config: str, dtype: torch.dtype = torch.float32) -> Generator:
@@ -340,22 +341,21 @@ def test_bf16_within_rounding_bounds(config: str, case: str) -> None:
 
 
 def _greedy_run(config: str, case: str, penalty: float, chunk: int | None = None):
-    """Greedy decode as the fixture did; returns (new token ids, per-step logits [n, V] on the CPU)."""
+    """Greedy decode as the fixture did, through the scheduler (the prompt ``chunk`` tokens at a time when
+    given); returns (new token ids, per-step logits [n, V] on the CPU)."""
     gen = generator_for(config)
     _, meta = expected_outputs(config, case)
     n_new = meta["greedy"]["n_new"]
     params = SamplingParams(temperature=0.0, repetition_penalty=penalty, penalize_greedy=penalty != 1.0,
                             max_new_tokens=n_new, stop=())
-    seq = gen.new_request(processed_case(config, case), params)
-    cache = gen.model.new_cache(1, seq.stats.prompt_tokens + n_new)
-    gen.prefill(seq, cache, chunk)
-    step_logits = [seq.next_logits]
-    gen.sample([seq], seq.next_logits.unsqueeze(0))
-    while not seq.finished:
-        logits = gen.decode_logits([seq], cache)
-        step_logits.append(logits[0])
-        gen.sample([seq], logits)
-    return seq.tokens, torch.stack(step_logits).float().cpu()
+    default_chunk = gen.prefill_chunk
+    gen.prefill_chunk = chunk or default_chunk
+    try:
+        with BatchScheduler(gen) as scheduler:
+            request = scheduler.run(processed_case(config, case), params, record_logits=True)
+    finally:
+        gen.prefill_chunk = default_chunk
+    return request.tokens, torch.stack(request.step_logits).float().cpu()
 
 
 @pytest.mark.parametrize(("config", "case"), config_case_params(require_outputs=True))

@@ -73,9 +73,9 @@ def _maybe_fail(prompt, stage):
         raise RuntimeError(f"simulated failure in {stage}")
 
 
-def _prefill_step_with_faults(self, seq, cache=None, chunk=None):
+def _prefill_step_with_faults(self, seq):
     _maybe_fail(seq.inputs.prompt, "prefill")
-    return _real_prefill_step(self, seq, cache, chunk)
+    return _real_prefill_step(self, seq)
 
 
 def _decode_step_with_faults(self, seqs, *args, **kwargs):

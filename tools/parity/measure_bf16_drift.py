@@ -35,6 +35,7 @@ from tools.parity.bf16_bounds import bf16_figures, bf16_problems, ratio_to_bound
 from tools.parity.bf16_check import bf16_runs, perturb_by_float32_rounding, reference_runs  # noqa: E402
 from deepseek_vl2.engine.generation import Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
+from deepseek_vl2.engine.scheduler import BatchScheduler  # noqa: E402
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor  # noqa: E402
 from deepseek_vl2.model.checkpoint import load_model  # noqa: E402
 from tools.parity.reference_data import case_names, checkpoint_dir, config_names, expected_outputs, has_outputs, load_case_inputs  # noqa: E402
@@ -54,7 +55,9 @@ def measure(config: str, case: str, models: dict, gen: Generator, processor: Dee
     row["max_logit_diff"] = (runs.free[-4:] - last4).abs().max().item()
     row["held_last4_diff"] = (runs.held[-4:] - last4).abs().max().item()
     reference_tokens = meta["greedy"]["new_tokens"]
-    tokens = gen.generate_ids(inputs, SamplingParams(temperature=0.0, max_new_tokens=meta["greedy"]["n_new"], stop=()))
+    with BatchScheduler(gen) as scheduler:
+        tokens = scheduler.run(inputs, SamplingParams(temperature=0.0, max_new_tokens=meta["greedy"]["n_new"],
+                                                      stop=())).tokens
     row["greedy_prefix_agree"] = next((i for i, (a, b) in enumerate(zip(reference_tokens, tokens)) if a != b),
                                       min(len(reference_tokens), len(tokens)))
     row["greedy_len"] = len(reference_tokens)

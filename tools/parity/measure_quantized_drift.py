@@ -27,6 +27,7 @@ import torch
 
 from deepseek_vl2.engine.generation import Generator  # noqa: E402
 from deepseek_vl2.engine.sampling import SamplingParams  # noqa: E402
+from deepseek_vl2.engine.scheduler import BatchScheduler  # noqa: E402
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor  # noqa: E402
 from deepseek_vl2.model.checkpoint import load_model  # noqa: E402
 from tools.parity.reference_data import case_names, checkpoint_dir, config_names, expected_outputs, has_outputs, load_case_inputs  # noqa: E402
@@ -56,7 +57,9 @@ def measure(config: str, case: str, gen: Generator) -> dict:
     drift = (logprobs - expected["teacher_forced_logprobs"]).abs()
     last4 = (logits[-4:] - expected["logits_last4"]).abs().max().item()
     reference_tokens = meta["greedy"]["new_tokens"]
-    tokens = gen.generate_ids(inputs, SamplingParams(temperature=0.0, max_new_tokens=meta["greedy"]["n_new"], stop=()))
+    with BatchScheduler(gen) as scheduler:
+        tokens = scheduler.run(inputs, SamplingParams(temperature=0.0, max_new_tokens=meta["greedy"]["n_new"],
+                                                      stop=())).tokens
     agree = next((i for i, (a, b) in enumerate(zip(reference_tokens, tokens)) if a != b),
                  min(len(reference_tokens), len(tokens)))
     return dict(config=config, case=case, logprob_drift_max=drift.max().item(), logprob_drift_mean=drift.mean().item(),
