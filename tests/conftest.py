@@ -22,8 +22,11 @@ from tools.testing.cog_server import CogServer, cog_server
 TESTS_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_ROOT.parent
 # A test in one of these folders gets the marker of the same name; a test using the `cog_predictor`
-# fixture is a server test wherever it lives. The fast run: pytest -m "not server and not parity".
+# fixture is a server test wherever it lives. The fast run: -m "not server and not parity and not slow".
 MARKED_FOLDERS = ("server", "parity")
+# Fixtures whose users are integration runs of minutes: marked `slow` (the GPU check's dry run, about
+# 8 minutes on 2 CPU cores, starts Cog's server and runs the parity tests itself).
+SLOW_FIXTURES = ("dry_run",)
 
 VARIANTS = ("tiny", "small", "base")
 RANDOM_CHECKPOINT_SEED = 7
@@ -65,13 +68,16 @@ def cog_predictor(random_checkpoint: Callable[[str], Path]) -> Iterator[CogServe
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests/server/ and tests/parity/ tests (and every user of `cog_predictor`) by folder."""
+    """Mark tests/server/ and tests/parity/ tests by folder, users of `cog_predictor` `server`,
+    users of a SLOW_FIXTURES fixture `slow`."""
     for item in items:
         folder = Path(str(item.path)).resolve().relative_to(TESTS_ROOT).parts[0]
         if folder in MARKED_FOLDERS:
             item.add_marker(folder)
         if "cog_predictor" in getattr(item, "fixturenames", ()):
             item.add_marker("server")
+        if any(name in SLOW_FIXTURES for name in getattr(item, "fixturenames", ())):
+            item.add_marker("slow")
 
 
 @pytest.fixture
