@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from deepseek_vl2.model.checkpoint import CheckpointError, load_model
+from deepseek_vl2.model.checkpoint import CheckpointError, check_finite, load_model
 from deepseek_vl2.serving.service import Service
 from scripts.make_test_checkpoint import make_checkpoint
 
@@ -78,3 +78,13 @@ def test_setup_stops_with_the_message(sharded: Path, tmp_path: Path, monkeypatch
     monkeypatch.delenv("COG_WEIGHTS", raising=False)
     with pytest.raises(CheckpointError, match=r"experts\.3\.down_proj\.weight .*non-finite"):
         Service.start(str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_finite_tensor_whose_sum_overflows_is_accepted(dtype: torch.dtype) -> None:
+    big = torch.full((64, 64), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not torch.isfinite(big.sum())
+    check_finite("language.model.norm.weight", Path("model.safetensors"), big)
+    big[5, 6] = math.nan
+    with pytest.raises(CheckpointError, match=r"1 NaN, 0 \+inf, 0 -inf of 4096; the first at index \[5, 6\]"):
+        check_finite("language.model.norm.weight", Path("model.safetensors"), big)
