@@ -74,29 +74,28 @@ def poisonable(random_checkpoint: Callable[[str], Path]) -> Generator:
     return Generator.load(random_checkpoint("tiny"), device="cpu", dtype=torch.float32)
 
 
-def _poison_one_prompt(generator: Generator, params: SamplingParams):
+PARAMS = SamplingParams(temperature=0.7, seed=4, max_new_tokens=4, ignore_eos=True)
+
+
+def _poison_one_prompt(scheduler: BatchScheduler):
     """(bad, good inputs, good's tokens before): NaN in the embedding of a token only ``bad`` has,
     which reaches its logits through attention."""
+    generator = scheduler.generator
     good, bad = generator.prepare("Hi", []), generator.prepare("zebra crossing at night", [])
-    expected = generator.generate_ids(good, params)
+    expected = scheduler.run(good, PARAMS).tokens
     only_bad = sorted(set(bad.input_ids.flatten().tolist()) - set(good.input_ids.flatten().tolist()))
     with torch.no_grad():
         generator.model.language.model.embed_tokens.weight[only_bad[0]] = math.nan
     return bad, good, expected
 
 
-PARAMS = SamplingParams(temperature=0.7, seed=4, max_new_tokens=4, ignore_eos=True)
-
-
 def test_a_request_with_nan_scores_fails_clearly_and_the_next_is_served(poisonable: Generator) -> None:
-    bad, good, _ = _poison_one_prompt(poisonable, PARAMS)
     scheduler = BatchScheduler(poisonable, max_batch=2, max_len=1024)
     try:
+        bad, good, _ = _poison_one_prompt(scheduler)
         with pytest.raises(NonFiniteLogitsError, match="NaN or infinite scores for this request"):
-            "".join(scheduler.submit(bad, PARAMS))
-        handle = scheduler.submit(good, PARAMS)
-        "".join(handle)  # raises if it failed
-        assert len(handle.request.tokens) == PARAMS.max_new_tokens
+            scheduler.run(bad, PARAMS)
+        assert len(scheduler.run(good, PARAMS).tokens) == PARAMS.max_new_tokens  # raises if it failed
     finally:
         scheduler.close()
 
@@ -105,13 +104,11 @@ def test_a_request_with_nan_scores_fails_clearly_and_the_next_is_served(poisonab
                    "the next request's prompt; masked attention multiplies them by 0 (NaN), so the next "
                    "request in that slot decodes from NaN scores until the slot's cache is cleared on failure")
 def test_the_next_request_in_the_failed_slot_gets_its_own_tokens(poisonable: Generator) -> None:
-    bad, good, expected = _poison_one_prompt(poisonable, PARAMS)
     scheduler = BatchScheduler(poisonable, max_batch=2, max_len=1024)
     try:
+        bad, good, expected = _poison_one_prompt(scheduler)
         with pytest.raises(NonFiniteLogitsError):
-            "".join(scheduler.submit(bad, PARAMS))
-        handle = scheduler.submit(good, PARAMS)
-        "".join(handle)
-        assert handle.request.tokens == expected
+            scheduler.run(bad, PARAMS)
+        assert scheduler.run(good, PARAMS).tokens == expected
     finally:
         scheduler.close()

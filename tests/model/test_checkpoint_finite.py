@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from deepseek_vl2.model.checkpoint import CheckpointError, check_finite, load_model
 from deepseek_vl2.serving.service import Service
-from scripts.make_test_checkpoint import make_checkpoint
+from tools.checkpoints import make_checkpoint
 
 DENSE = "language.model.layers.0.mlp.up_proj.weight"
 ROUTED_EXPERT = "language.model.layers.1.mlp.experts.3.down_proj.weight"
