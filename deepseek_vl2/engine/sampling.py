@@ -16,6 +16,9 @@ distribution of its probabilities, so its tokens depend only on its seed, its lo
 parameters, never on which other requests share the batch (`torch.multinomial` over a batch
 would consume one shared random stream).
 
+NaN or inf scores: `choose_tokens` returns ids inside the vocabulary whatever its logits hold;
+`sample_next` marks such rows (see `non_finite`).
+
 See README.md for the user-facing description of every parameter.
 """
 
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
+
+from .non_finite import mark_non_finite
 
 # Positive temperatures below this are rejected: logits / t would overflow float32.
 MIN_TEMPERATURE = 1e-5
@@ -173,8 +178,12 @@ def make_seen_mask(
 
 
 def update_seen(seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mark the newly generated `tokens` [B] in `seen` [B, V], in place; returns `seen`."""
-    return seen.scatter_(1, tokens.reshape(-1, 1).to(seen.device), True)
+    """Mark the newly generated `tokens` [B] in `seen` [B, V], in place; returns `seen`.
+    A row's `NON_FINITE_TOKEN` (negative) marks nothing."""
+    index = tokens.reshape(-1, 1).to(seen.device)
+    chosen = index >= 0
+    index = index.clamp(min=0)
+    return seen.scatter_(1, index, seen.gather(1, index) | chosen)
 
 
 # ----------------------------------------------------------------------------- logits processing
@@ -338,10 +347,11 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(dim=-1)  # [B, V]
     target = uniforms * cdf[:, -1:]  # [B, 1]
     index = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    # Rounding can put the target at the very top; never return a zero-probability id.
+    # Rounding can put the target at the very top; never return a zero-probability id. A row
+    # without a positive probability (NaN scores) gets id 0: an id inside the vocabulary.
     ids = torch.arange(probs.shape[-1], device=probs.device)
     last_positive = torch.where(probs > 0, ids, -1).amax(dim=-1)
-    return torch.minimum(index, last_positive)
+    return torch.minimum(index, last_positive).clamp(min=0)
 
 
 def choose_tokens(
@@ -352,7 +362,8 @@ def choose_tokens(
     ``columns`` None means every row is plain greedy (argmax of the raw logits, first index on
     ties). Otherwise greedy rows take the argmax of their (possibly penalised) scores and
     sampled rows invert the CDF of ``softmax(filter_scores(...))`` at their uniform [B, 1]. This
-    is the whole sampler: `sample_next` and the compiled decode step both call it.
+    is the whole sampler: `sample_next` and the compiled decode step both call it. Every id is
+    inside the vocabulary, even for logits that hold NaN or inf.
     """
     if columns is None:
         return logits.argmax(dim=-1)
@@ -372,13 +383,17 @@ def sample_next(
     generators: one per row (see `make_generator`), may be None for greedy rows. Greedy rows take
     the argmax (first index on ties); sampled rows draw one uniform from their own generator.
     No host synchronisation happens when logits and generators are on the same CUDA device.
+    A row whose logits hold NaN or +inf, or no finite value, gets `non_finite.NON_FINITE_TOKEN`.
     """
     if len(generators) != len(params):
         raise ValueError(f"{len(generators)} generators for {len(params)} rows")
     _check_batch(logits, seen, params)
+    logits = logits.float()
     if not needs_processing(params):
-        return choose_tokens(logits.float(), seen, None, logits.new_empty(0))
-    sampled = [not p.is_greedy for p in params]
-    uniforms = torch.zeros(len(params), 1, dtype=torch.float64, device=logits.device)
-    draw_uniforms(generators, sampled, uniforms)
-    return choose_tokens(logits.float(), seen, RowColumns.of(params, logits.device), uniforms)
+        tokens = choose_tokens(logits, seen, None, logits.new_empty(0))
+    else:
+        sampled = [not p.is_greedy for p in params]
+        uniforms = torch.zeros(len(params), 1, dtype=torch.float64, device=logits.device)
+        draw_uniforms(generators, sampled, uniforms)
+        tokens = choose_tokens(logits, seen, RowColumns.of(params, logits.device), uniforms)
+    return mark_non_finite(tokens, logits)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
+from .non_finite import NON_FINITE_TOKEN, NonFiniteLogitsError
+
 REPLACEMENT_CHAR = "\ufffd"
 # Special tokens users need to see: the grounding answer format is built from them.
 VISIBLE_SPECIAL_TOKENS = frozenset({"<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>"})
@@ -114,11 +116,14 @@ class TextStreamer:
         """Add one generated id; return the text that can be shown now (often "").
 
         Pass a Python int (take `tokens.tolist()` once per step for the whole batch rather than
-        converting GPU tensors one by one).
+        converting GPU tensors one by one). Raises NonFiniteLogitsError for the sampler's
+        `NON_FINITE_TOKEN`.
         """
         if self._finished:
             raise RuntimeError("push() after finish()")
         token_id = int(token_id)
+        if token_id == NON_FINITE_TOKEN:  # the sampler found no finite score to choose from
+            raise NonFiniteLogitsError()
         if self._stopped or token_id in self._skip or not 0 <= token_id < self._vocab_limit:
             return ""
         self._ids.append(token_id)

@@ -6,6 +6,8 @@ destination (``pget`` when it is on PATH and nothing was downloaded yet, else Py
 range requests that resume a partial file after a dropped connection or a restart), checked
 (its size, and its SHA-256 when the URL ends with ``#sha256=<hex>``), extracted, and the
 archive deleted. Progress is one line every few seconds: bytes, rate and time left.
+:func:`network_errors` names what a failed connection raises through huggingface_hub, whichever
+HTTP library its version uses.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -21,6 +24,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
+
+# The base class of the errors each HTTP library raises when no answer came (module, attribute).
+# requests' (huggingface_hub 0.x) derive from OSError already; httpx's (1.x) do not.
+_HTTP_LIBRARY_ERRORS = (("requests", "RequestException"), ("httpx", "RequestError"))
 
 PROGRESS_SECONDS = float(os.environ.get("DSVL2_PROGRESS_SECONDS", "5"))
 CHUNK = 1 << 20
@@ -31,6 +38,20 @@ COMPLETE_MARKER = ".complete"
 
 class FetchError(RuntimeError):
     """The checkpoint could not be fetched; the message says why and what to do."""
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes of a failed connection: OSError, and the request-error base class of
+    requests and of httpx where that library is already loaded (no library is imported here: one
+    that raised is loaded). Call it in the ``except`` clause, where it is evaluated as the error
+    arrives."""
+    found: list[type[BaseException]] = [OSError]
+    for module_name, class_name in _HTTP_LIBRARY_ERRORS:
+        module = sys.modules.get(module_name)
+        error_class = getattr(module, class_name, None) if module is not None else None
+        if isinstance(error_class, type) and issubclass(error_class, BaseException):
+            found.append(error_class)
+    return tuple(found)
 
 
 def _size(n: float) -> str:

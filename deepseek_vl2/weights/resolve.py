@@ -113,7 +113,7 @@ def download(
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.utils import disable_progress_bars
 
-    from deepseek_vl2.weights.fetch import watch
+    from deepseek_vl2.weights.fetch import network_errors, watch
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -142,7 +142,7 @@ def download(
             f"{repo_id} was not found on {hub} or needs access rights "
             f"(set HF_TOKEN if it is gated): {type(error).__name__}. {alternatives}"
         ) from error
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
+    except (LocalEntryNotFoundError, HfHubHTTPError, ValueError, *network_errors()) as error:
         # Connection refused, DNS failure, timeouts and HF_HUB_OFFLINE=1 all end up here.
         raise DownloadError(
             f"{unreachable} ({type(error).__name__}: {_first_line(error)}). Check the network, "
@@ -163,7 +163,7 @@ def download(
             token=token,
             etag_timeout=etag_timeout,
         )
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+    except (LocalEntryNotFoundError, HfHubHTTPError, *network_errors()) as error:
         raise DownloadError(
             f"{unreachable} during the download ({type(error).__name__}: {_first_line(error)}); "
             f"run again to resume. {alternatives}"

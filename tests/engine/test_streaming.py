@@ -165,8 +165,9 @@ def test_explicit_skip_ids_override_the_default(tokenizer):
 
 
 def test_out_of_range_ids_are_empty_text(tokenizer):
+    """Ids the tokenizer lacks give no text (-1 is the sampler's NaN mark: tests/engine/test_non_finite_scores.py)."""
     ids = encode(tokenizer, "the cat")
-    noisy = [len(tokenizer)] + ids[:1] + [10**6, -1] + ids[1:] + [len(tokenizer) + 31]
+    noisy = [len(tokenizer)] + ids[:1] + [10**6, -2] + ids[1:] + [len(tokenizer) + 31]
     pieces, _ = stream(tokenizer, noisy)
     assert "".join(pieces) == "the cat"
 

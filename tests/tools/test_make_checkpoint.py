@@ -254,10 +254,10 @@ def test_the_project_loader_accepts_the_checkpoints(reduced, tmp_path):
 # --------------------------------------------------------------------------- tokenizer
 
 def test_tokenizer_loads_and_round_trips(reduced):
-    from transformers import AutoTokenizer, LlamaTokenizerFast
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(reduced["tiny"])
-    assert isinstance(tokenizer, LlamaTokenizerFast)
+    assert tokenizer.is_fast  # LlamaTokenizerFast in transformers 4, TokenizersBackend in 5
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, 2)
     assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == [
         "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"]
