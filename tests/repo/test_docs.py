@@ -26,7 +26,7 @@ from tools import make_openapi_schema
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "README.md"
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
-README_LIMIT_BYTES = 20 * 1024
+README_LIMIT_BYTES = 10 * 1024
 PACKAGE_DIR = "deepseek_vl2"
 TEST_COMMAND = ".venv/bin/python -m pytest -q tests"
 

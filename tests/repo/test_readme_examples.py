@@ -1,10 +1,10 @@
-"""The README's curl examples run as written against the server the README starts.
+"""The curl examples of README.md and docs/cog.md run as written against the server the README starts.
 
 The server is Cog's real HTTP server on predict.py with a tiny random-weight checkpoint (what the
-README's "A local server" serves). Each bash block of "Calling the server" is run by bash from the
-repository root, with only the address changed to the test server's free port. The cancelling
-block is left out here because it times a cancel with `sleep`; cancellation through the server is
-tested in test_predict_inputs.py and test_robustness.py.
+README's "A local server" serves). Each bash block of the "Calling the server" sections of both
+documents is run by bash from the repository root, with only the address changed to the test
+server's free port. The cancelling block is left out here because it times a cancel with `sleep`;
+cancellation through the server is tested in test_predict_inputs.py and test_robustness.py.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tools.testing.cog_server import CogServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README_ADDRESS = "http://127.0.0.1:5000"
+EXAMPLE_DOCUMENTS = ("README.md", "docs/cog.md")
 
 
 pytestmark = pytest.mark.skipif(
@@ -32,11 +33,15 @@ pytestmark = pytest.mark.skipif(
 
 
 def server_blocks() -> list[str]:
-    """The bash blocks of the README's "Calling the server" section, in order."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    match = re.search(r"^## Calling the server\n(.*?)(?=^## )", text, re.S | re.M)
-    assert match, "README.md has no '## Calling the server' section"
-    blocks = re.findall(r"^```bash\n(.*?)^```", match.group(1), re.S | re.M)
+    """The bash blocks of the "Calling the server" sections of README.md and docs/cog.md, in order."""
+    blocks = []
+    for document in EXAMPLE_DOCUMENTS:
+        text = (REPO_ROOT / document).read_text(encoding="utf-8")
+        match = re.search(r"^## Calling the server\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+        assert match, f"{document} has no '## Calling the server' section"
+        found = re.findall(r"^```bash\n(.*?)^```", match.group(1), re.S | re.M)
+        assert found, f"{document}'s 'Calling the server' has no bash block"
+        blocks += found
     assert all(README_ADDRESS in block for block in blocks)
     return blocks
 
@@ -44,7 +49,7 @@ def server_blocks() -> list[str]:
 def block_with(marker: str) -> str:
     """The one server block containing ``marker``."""
     found = [block for block in server_blocks() if marker in block]
-    assert len(found) == 1, f"expected one README block with {marker!r}, found {len(found)}"
+    assert len(found) == 1, f"expected one example block with {marker!r}, found {len(found)}"
     return found[0]
 
 
@@ -119,11 +124,11 @@ def test_the_follow_up_example_sends_the_earlier_turns(server: CogServer, checkp
 def test_the_bad_input_example_gets_the_answer_the_readme_shows(server: CogServer) -> None:
     block = block_with("temperature: 3")
     shown = re.search(r"^# (\{.*\})$", block, re.M)
-    assert shown, "the README shows the answer as a comment"
+    assert shown, "the example shows the answer as a comment"
     assert json.loads(run_block(block, server)) == json.loads(shown.group(1))
 
 
 def test_every_server_block_is_covered() -> None:
-    """A new README block must be added here (or to the cancelling exception) to be tested."""
+    """A new example block must be added here (or to the cancelling exception) to be tested."""
     covered = (ONE_ANSWER, TEXT_ONLY, FOLLOW_UP, "text/event-stream", "temperature: 3", "/cancel")
     assert all(sum(marker in block for marker in covered) == 1 for block in server_blocks())
