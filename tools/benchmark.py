@@ -6,10 +6,10 @@ The model is random weights of a variant's real shape drawn directly on the devi
 (``--random-weights``, the default; ``tools/random_model.py``; ``--layers`` / ``--vision-layers``
 shorten it for CPU runs, ``--size reduced`` makes it tiny for smoke runs), or ``--checkpoint DIR``
 (then setup is timed against a plain read of the weight files). One model serves every mode: each
-mode is a ``Generator`` over it with its ``BatchScheduler``: ``eager``, ``compiled``
-(``torch.compile``, CUDA graphs on CUDA) or ``graphs`` (the eager step replayed as CUDA graphs: the
-GPU check's rung when compiling fails). A mode that fails (a compiler missing, say) is dropped with
-a ``mode_failed`` line; the other modes go on. Every request goes through the scheduler, the path
+mode is a ``Generator`` over it with its ``BatchScheduler``: ``eager`` or ``compiled``
+(``torch.compile`` region by region, CUDA graphs on CUDA). A mode that fails (a compiler missing,
+say: its warm-up falls back to eager) is dropped with a ``mode_failed`` line; the other modes go
+on. ``--setup-only`` times setup's phases instead (tools/bench_setup.py). Every request goes through the scheduler, the path
 that serves, with ``SamplingParams(temperature=0, ignore_eos=True)``, so it produces exactly
 ``--new-tokens`` tokens; the figures come from the request's stats: TTFT from the start of the
 request (embedding, vision tower, prefill) to the first token id on the host, decode speed
@@ -54,10 +54,11 @@ from tools.bench_figures import (  # noqa: E402
     Report, activated_parameters, kv_cache_bytes_per_position, memory_check, peak_bandwidth_gbs, peak_memory_bytes,
     read_files_seconds, reset_peak_memory, synthetic_image,
 )
+from tools.bench_setup import setup_only  # noqa: E402
 from tools.random_model import build_random_model  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MODES = ("eager", "compiled", "graphs")
+MODES = ("eager", "compiled")
 QUANTIZE = ("none", "int8", "fp8")
 DEFAULT_PROMPT = "Describe this image in detail."
 ROW_KEYS = ("decode", "ttft", "e2e_1428", "e2e_demo", "concurrency", "setup", "memory")
@@ -101,8 +102,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--modes", type=lambda t: parse_list(t, MODES), default=["eager", "compiled"],
-                        help="decode paths to compare, alternating (default eager,compiled; graphs: eager + "
-                             "CUDA graphs, CUDA only)")
+                        help="decode paths to compare, alternating (default eager,compiled)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per mode, alternating (default 2)")
     parser.add_argument("--image", type=parse_image_size, default=(300, 200), metavar="WxH",
                         help="synthetic image size (300x200 = global view + 1 tile), or none")
@@ -125,6 +125,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--sampled", choices=("warmed", "unwarmed", "off"), default="warmed",
                         help="the sampled request: its full step warmed first (a compile per compiled mode), "
                              "unwarmed (runs the eager full step after the greedy warm-up: no compile), or off")
+    parser.add_argument("--setup-only", action="store_true",
+                        help="time setup's phases only (load, compile, capture) for the first of --modes")
+    parser.add_argument("--setup-slots", type=int, default=1, help="decode slots warmed in --setup-only (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--jsonl", type=Path, help="append one JSON line per figure to this file as it is measured")
     args = parser.parse_args(argv)
@@ -135,8 +138,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     args.device = torch.device(args.device)
-    if "graphs" in args.modes and args.device.type != "cuda":
-        parser.error("--modes graphs needs a CUDA device")
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args
 
@@ -217,8 +218,6 @@ def make_generators(model: DeepseekVL2, processor: DeepseekVL2Processor, args: a
         for mode in args.modes:
             generator = Generator(each, processor, args.prefill_chunk, compile=mode == "compiled",
                                   max_batch=max_batch, max_len=args.max_len)
-            if mode == "graphs":
-                generator.engine.use_graphs = True
             BatchScheduler(generator, max_batch=max_batch, max_len=generator.engine.max_len)
             generators[mode + suffix] = generator
     return generators
@@ -280,7 +279,7 @@ def sampled_runs(generators: dict[str, Generator], inputs: ProcessedInputs, new_
     warming that mode's full step for its KV buckets when ``warm``; ``sampled`` lines."""
     prompt_tokens = int(inputs.input_ids.numel())
     if warm:
-        warm_compiled(generators, prompt_tokens, new_tokens, modes=("full",))
+        warm_compiled(generators)
     runs = {}
     for mode, generator in list(generators.items()):
         run = guarded(generators, mode, "sampled request", lambda: run_request(generator, inputs, new_tokens, True))
@@ -295,25 +294,25 @@ def median_of(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
-def warm_compiled(generators: dict[str, Generator], prompt_tokens: int, new_tokens: int, rows: Sequence[int] = (1,),
-                  max_seconds: Optional[float] = None, modes: Sequence[str] = ("greedy",)) -> dict[str, float]:
-    """Compile and/or capture (compiled and graphs modes) the step in ``modes`` for each batch bucket
-    in ``rows`` and every KV bucket a request of ``prompt_tokens`` + ``new_tokens`` passes (a step
-    never compiles or captures after a warm-up: what is not warmed runs un-graphed); seconds per mode."""
+def warm_compiled(generators: dict[str, Generator], max_seconds: Optional[float] = None) -> dict[str, float]:
+    """Warm each compiled mode up once (``Generator.warmup``: every region compiled, on CUDA every
+    graph captured; a sealed engine is skipped); a mode whose warm-up fell back to the eager step is
+    dropped with a ``mode_failed`` line. Seconds per mode warmed now."""
     seconds = {}
     for mode, generator in list(generators.items()):
-        if mode.split("+")[0] in ("compiled", "graphs"):
-            bucket = generator.kv_bucket
-            first = (prompt_tokens // bucket + 1) * bucket
-            last = min(-(-(prompt_tokens + new_tokens) // bucket) * bucket, generator.engine.max_len)
-            start = time.perf_counter()
-            kv_lens = list(range(first, last + 1, bucket)) or [last]
-            done = guarded(generators, mode, "warm-up", lambda: generator.warmup(
-                rows=list(rows), kv_lens=kv_lens, modes=tuple(modes), max_seconds=max_seconds))
-            if done is not None:
-                seconds[mode] = time.perf_counter() - start
-                EMIT("warmup", mode=mode, warmup_seconds=seconds[mode], rows=list(rows), kv_lens=kv_lens, step_modes=list(modes),
-                     **generator.engine.warmup_summary)
+        if mode.split("+")[0] != "compiled" or generator.engine.sealed:
+            continue
+        start = time.perf_counter()
+
+        def work() -> bool:
+            generator.warmup(max_seconds=max_seconds)
+            if generator.engine.fallback_reason:
+                raise RuntimeError(f"the compiled warm-up fell back to eager: {generator.engine.fallback_reason}")
+            return True
+
+        if guarded(generators, mode, "warm-up", work):
+            seconds[mode] = time.perf_counter() - start
+            EMIT("warmup", mode=mode, warmup_seconds=seconds[mode], **generator.engine.warmup_summary)
     return seconds
 
 
@@ -391,7 +390,7 @@ def target_rows(model: DeepseekVL2, generators: dict[str, Generator], args: argp
 
     if "ttft" in wanted:
         inputs, prepare_s = prepared(first, "What is in this image?", synthetic_image(384, 384))
-        warm_compiled(generators, int(inputs.input_ids.numel()), 2)
+        warm_compiled(generators)
         ttft = {m: median_of(r, "ttft_seconds") for m, r in alternate(generators, inputs, 2, args.repeats).items()}
         row("ttft", f"time to first token, 1 image (global + 1 tile), short question, "
             f"{inputs.input_ids.numel()} prompt tokens ({variant})", "s", "lower", ttft, prepare_seconds=prepare_s)
@@ -405,7 +404,7 @@ def target_rows(model: DeepseekVL2, generators: dict[str, Generator], args: argp
             continue
         new = max(2, int(new * scale))
         inputs, prepare_s = prepared(first, prompt, image, tokens)
-        warm_compiled(generators, int(inputs.input_ids.numel()), new)
+        warm_compiled(generators)
         runs = alternate(generators, inputs, new, 1)
         e2e = {m: prepare_s + r[0]["total_seconds"] for m, r in runs.items()}
         row(key, f"{label}, {inputs.input_ids.numel()} prompt tokens, {new} new tokens, end to end "
@@ -415,9 +414,7 @@ def target_rows(model: DeepseekVL2, generators: dict[str, Generator], args: argp
         inputs, _ = prepared(first, DEFAULT_PROMPT, synthetic_image(300, 200))
         new = max(2, int(128 * scale))
         ratio, detail = {}, {}
-        # rows 1 and the full batch only (2 compiles, not one per bucket): the ramp-up through the
-        # buckets between runs their un-warmed step (eager, never compiling)
-        warm_compiled(generators, int(inputs.input_ids.numel()), new, rows=sorted({1, args.concurrency}))
+        warm_compiled(generators)
         for mode, generator in list(generators.items()):
             pair = guarded(generators, mode, "concurrency", lambda: (
                 run_concurrent(generator, inputs, 1, new), run_concurrent(generator, inputs, args.concurrency, new)))
@@ -463,7 +460,7 @@ def benchmark(args: argparse.Namespace) -> tuple[Report, dict[str, Any]]:
     first = next(iter(generators.values()))
     image = synthetic_image(*args.image) if args.image else None
     inputs, prepare_s = prepared(first, args.prompt, image, args.prompt_tokens)
-    warm = warm_compiled(generators, int(inputs.input_ids.numel()), args.new_tokens, max_seconds=args.warmup_seconds)
+    warm = warm_compiled(generators, max_seconds=args.warmup_seconds)
     runs = alternate(generators, inputs, args.new_tokens, args.repeats)
     sampled = sampled_runs(generators, inputs, args.new_tokens, args.sampled == "warmed") if args.sampled != "off" else {}
     memory = memory_check(generators, args.quantize[0], args.prefill_chunk)  # before the rows reset the peak
@@ -531,6 +528,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     EMIT.path = args.jsonl
     EMIT.fields = {"source": "benchmark", "variant": args.variant}
+    if args.setup_only:
+        figures = setup_only(args, load)
+        EMIT("setup_only", **figures["setup"])
+        print(json.dumps(figures, indent=2 if not args.json else None, default=str))
+        return 0
     report, results = benchmark(args)
     if args.json:
         command = ["-m", "tools.benchmark", *(argv if argv is not None else sys.argv[1:])]

@@ -40,8 +40,8 @@ class EngineConfig:
 
     slots: requests decoded together (``COG_MAX_CONCURRENCY``); the decode state holds this many.
     compile: compile the decode step (``DSVL2_COMPILE`` 1/0); None: compiled on CUDA, eager on the CPU.
-    warmup_seconds: seconds setup may spend compiling decode buckets (``DSVL2_WARMUP_SECONDS``);
-        buckets not reached compile on first use.
+    warmup_seconds: seconds setup may spend compiling and capturing the decode step
+        (``DSVL2_WARMUP_SECONDS``); past them the engine falls back to the eager step (logged).
     streaming: "auto" streams through the coglet bridge where supported, "collect" sends each
         answer complete (``DSVL2_STREAMING``).
     prefill_chunk: prompt tokens written per prefill step.

@@ -1,4 +1,4 @@
-"""The persistent decode state and the one static-shape decode step (compiled on request).
+"""The persistent decode state and the engine that runs decode steps over it.
 
 :class:`DecodeState` is allocated once, when the :class:`~.generation.Generator` is built (Cog
 setup), for ``slots`` concurrent requests of up to ``max_len`` tokens; every request reuses it.
@@ -11,26 +11,18 @@ A request owns one slot, and slot ``s`` is row ``s`` of every buffer:
 * ``columns``: each row's sampling parameters as tensors; ``uniforms`` [slots, 1]: its draw;
 * ``active`` [slots]: the rows that advance in the next step.
 
-One step (:func:`decode_step`) covers rows ``[0, rows)`` for a batch bucket ``rows`` and a KV
-length bucket ``kv_len``: embed → every layer → final norm → logits → sampling → write the new
-tokens, positions and seen marks back into the state. Inactive rows compute at the scratch
-position and change nothing, so any subset of slots can step together and a step with no
-active row is a harmless warm-up. The only value the host reads is the new token ids.
-
-:class:`DecodeEngine` runs that step eagerly, or through ``torch.compile(fullgraph=True)``, and
-on CUDA replays it as CUDA graphs (rules in docs/engine.md): one compiled function per (rows
-bucket, mode), ``kv_len`` dynamic (``mark_dynamic`` without bounds); :meth:`DecodeEngine.warmup`
-(setup) compiles every (rows, mode), ``full`` first, then on CUDA captures one graph per
-(rows, kv_len, mode) within a time budget. After a warm-up the engine is sealed: a step never
-compiles and never captures (an uncaptured bucket runs un-graphed, an uncompiled one eagerly);
-only :meth:`DecodeEngine.warmup` captures.
+The step itself lives in :mod:`.step`. :class:`DecodeEngine` runs it one way per device (rules
+in docs/engine.md): compiled region by region and replayed as CUDA graphs on CUDA, eager on the
+CPU. :meth:`DecodeEngine.warmup` (setup) compiles every region, then on CUDA captures one graph
+per (rows, kv_len, mode); if compiling or capturing fails there, or runs past its time budget,
+the engine falls back to the eager step for good, logging why. After a warm-up the engine is
+sealed: a step never compiles and never captures.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-import types
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable, Optional, Sequence
@@ -40,11 +32,12 @@ import torch
 from deepseek_vl2.model.kv_cache import KVCache
 from deepseek_vl2.model.multimodal import DeepseekVL2
 from deepseek_vl2.model.rope import place_rotary_tables
-from .sampling import RowColumns, SamplingParams, choose_tokens, draw_uniforms, needs_processing
+from .config import WARMUP_SECONDS_ENV
+from .sampling import RowColumns, SamplingParams, draw_uniforms, needs_processing
+from .step import CompiledStep, Step, decode_step
 
 log = logging.getLogger(__name__)
 
-MODES = ("greedy", "full")  # greedy: plain argmax of the raw logits; full: the whole sampler
 WARMUP_MODES = ("full", "greedy")  # the default request (temperature 0.1) samples: its mode is ready first
 
 
@@ -103,43 +96,18 @@ class DecodeState:
         return self.cache.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
 
 
-def decode_step(model: DeepseekVL2, state: DecodeState, key_positions: torch.Tensor, *, rows: int,
-                full: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step over rows [0, rows) of ``state``; returns (new tokens [rows], logits [rows, V]).
-
-    ``key_positions`` = ``state.key_positions[:kv_len]``: the step attends over cache positions
-    [0, kv_len). ``full`` False: every active row is plain greedy (argmax of the raw logits).
-    Static shapes, no host synchronisation, every write in place into ``state``.
-    """
-    active = state.active[:rows]
-    last = state.tokens[:rows]
-    stored = state.positions[:rows]
-    positions = torch.where(active, stored, state.max_len)  # idle rows use the scratch column
-    kv_len = key_positions.shape[0]
-    logits = model.forward_tokens(last.unsqueeze(1), positions.unsqueeze(1), state.cache, slice(0, rows), kv_len)
-    logits = logits[:, -1]
-    seen = state.seen[:rows]
-    columns = state.columns.head(rows) if full else None
-    new = torch.where(active, choose_tokens(logits, seen, columns, state.uniforms[:rows]), last)
-    last.copy_(new)
-    stored.copy_(torch.where(active, positions + 1, stored))
-    index = new.unsqueeze(1)
-    seen.scatter_(1, index, seen.gather(1, index) | active.unsqueeze(1))
-    return new, logits
-
-
 class DecodeEngine:
-    """Owns the :class:`DecodeState`, hands out its slots, and runs (compiled) decode steps."""
+    """Owns the :class:`DecodeState`, hands out its slots, and runs decode steps (one path per device)."""
 
     def __init__(self, model: DeepseekVL2, slots: int, max_len: int, compile: bool, kv_bucket: int) -> None:
         if slots < 1 or max_len < 2:
             raise ValueError(f"the decode state needs slots >= 1 and max_len >= 2, got {slots} and {max_len}")
         self.model = model
-        self.compiled = compile
+        self.compiled = compile  # False for good after a fallback
+        self.use_graphs = compile and model.device.type == "cuda"  # compiled steps replay as CUDA graphs on CUDA
         self.kv_bucket = kv_bucket
-        # CUDA graphs: for a compiled step on CUDA; a caller may set it for the eager step before warmup()
-        self.use_graphs = compile and model.device.type == "cuda"
         self.sealed = False  # set by warmup(): from then on a step never compiles
+        self.fallback_reason: Optional[str] = None  # why setup fell back to the eager step
         self.warmup_summary: dict[str, object] = {}
         if compile:  # before any trace: the rotary tables live on the device, no trace writes them
             place_rotary_tables(model, model.device)
@@ -149,13 +117,17 @@ class DecodeEngine:
     def _allocate(self, slots: int, max_len: int) -> None:
         started = time.perf_counter()
         self.state = DecodeState.allocate(self.model, slots, max_len)
-        self._functions: dict[tuple[int, bool], Callable] = {}
+        self._compiled_step = CompiledStep(self.model, self.state) if self.compiled else None
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._graph_pool = None  # made at the first capture
         self._active_slots: Optional[frozenset[int]] = None
-        self._eager_fallbacks: set[tuple[int, bool]] = set()
         log.info("decode state: %d slot(s) x %d tokens, %.0f MiB on %s, allocated in %.2f s", slots, max_len,
                  self.state.nbytes() / 2**20, self.model.device, time.perf_counter() - started)
+
+    @property
+    def path(self) -> str:
+        """The decode path in use: "compiled + CUDA graphs", "compiled" (CPU, forced) or "eager"."""
+        return "eager" if not self.compiled else "compiled + CUDA graphs" if self.use_graphs else "compiled"
 
     # ----------------------------------------------------------------------------- slots
     @property
@@ -219,28 +191,10 @@ class DecodeEngine:
         kv_len = min(self.max_len, -(-needed // self.kv_bucket) * self.kv_bucket)
         return rows, kv_len
 
-    def _compiled_function(self, rows: int, full: bool) -> Callable:
-        """The compiled step of (rows, mode), made on first use (it compiles at its first call)."""
-        key = (rows, full)
-        if key not in self._functions:
-            # A private copy of the code, compiled itself: Dynamo keeps one cache (and recompile
-            # limit, 8) per code object. (Compiling a functools.partial instead compiles one shared
-            # wrapper: every (rows, mode) lands in the same cache and the ninth runs eagerly.)
-            step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__,
-                                      f"decode_step_rows{rows}_{MODES[full]}")
-            compiled = torch.compile(step, fullgraph=True, dynamic=None)
-            model, state = self.model, self.state
-            self._functions[key] = lambda key_positions: compiled(model, state, key_positions, rows=rows, full=full)
-        return self._functions[key]
-
-    def _step_function(self, rows: int, full: bool) -> Callable:
-        """What a step of (rows, mode) runs outside a CUDA graph: the compiled function, or the eager
-        step when compiling is off or the engine is sealed and this (rows, mode) was not compiled."""
-        if self.compiled and ((rows, full) in self._functions or not self.sealed):
-            return self._compiled_function(rows, full)
-        if self.compiled and (rows, full) not in self._eager_fallbacks:
-            self._eager_fallbacks.add((rows, full))
-            log.warning("decode rows=%d mode=%s was not compiled in the warm-up: it runs eagerly", rows, MODES[full])
+    def _step_function(self, rows: int, full: bool) -> Step:
+        """The step of (rows, mode) outside a CUDA graph: the compiled regions, or the eager step."""
+        if self._compiled_step is not None:
+            return partial(self._compiled_step, rows=rows, full=full)
         return partial(decode_step, self.model, self.state, rows=rows, full=full)
 
     def _key_positions(self, kv_len: int) -> torch.Tensor:
@@ -250,8 +204,8 @@ class DecodeEngine:
         return view
 
     def _run(self, rows: int, kv_len: int, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step: the captured graph of (rows, kv_len, mode) if there is one, else the step
-        function un-graphed. Never captures (only :meth:`warmup` does)."""
+        """One step: the captured graph of (rows, kv_len, mode) once the warm-up captured them all,
+        else the step function (compiled or eager). Never captures (only :meth:`warmup` does)."""
         captured = self._graphs.get((rows, kv_len, full))
         if captured is None:
             return self._step_function(rows, full)(self._key_positions(kv_len))
@@ -260,15 +214,13 @@ class DecodeEngine:
         return outputs
 
     def _capture(self, rows: int, kv_len: int, full: bool) -> tuple[torch.cuda.CUDAGraph, tuple]:
-        """Warm the step (compiled, or eager) up on a side stream with no row active, then capture it.
+        """Warm the compiled step up on a side stream with no row active, then capture it whole.
 
         Only :meth:`warmup` calls this, in setup, when no other thread uses the device; the
         thread-local capture mode also keeps another thread's allocation from failing a capture.
         """
         fn = self._step_function(rows, full)
         self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
-        saved = self.state.active.clone()
-        self.state.active.zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -278,7 +230,6 @@ class DecodeEngine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             outputs = fn(self._key_positions(kv_len))
-        self.state.active.copy_(saved)
         return graph, outputs
 
     @torch.inference_mode()
@@ -311,87 +262,82 @@ class DecodeEngine:
         return sorted({min(kv, self.max_len) for kv in range(self.kv_bucket, self.max_len + self.kv_bucket,
                                                              self.kv_bucket)})
 
-    def warmup(self, rows: Optional[Sequence[int]] = None, kv_lens: Optional[Sequence[int]] = None,
-               modes: Sequence[str] = WARMUP_MODES, max_seconds: Optional[float] = None) -> dict[str, float]:
-        """Compile every (rows, mode) given, then on CUDA capture every (rows, kv_len, mode) graph;
-        seals the engine (see the module docstring).
 
-        Defaults: every batch bucket, every KV bucket, the ``full`` mode before ``greedy``. Stops
-        starting new work once ``max_seconds`` have passed (a compile under way is not cut short);
-        what was not reached runs un-graphed, or eagerly if not compiled, never compiling later.
-        Returns seconds per bucket, keyed "rows=R kv=K mode=M"; :attr:`warmup_summary` holds the
-        compile count per mode, the graphs captured, their seconds and memory, all logged. Setup
-        only: no other thread may use the device meanwhile. No request's state changes.
+    def warmup(self, max_seconds: Optional[float] = None) -> dict[str, float]:
+        """Compile every region of every (rows bucket, mode), ``full`` first, then on CUDA capture
+        every (rows, kv_len, mode) graph; seals the engine (see the module docstring).
+
+        If a compile or a capture fails, or the work passes ``max_seconds``, the engine falls back
+        to the eager step for good (:attr:`fallback_reason` says why; logged). Returns seconds per
+        piece of work, keyed "rows=R mode=M" (compiles) and "rows=R kv=K mode=M" (captures);
+        :attr:`warmup_summary` holds the counts, seconds and graph memory, all logged in one line.
+        Setup only: no other thread may use the device meanwhile. No request's state changes.
         """
-        rows = [min(r, self.slots) for r in (rows or batch_buckets(self.slots))]
-        kv_lens = [min(kv, self.max_len) for kv in (kv_lens or self.kv_buckets())]
-        modes = [m for m in WARMUP_MODES if m in modes] + [m for m in modes if m not in WARMUP_MODES]
+        from torch._dynamo.utils import counters  # Dynamo's own count of the graphs it compiled
+
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        summary = {"compiles": {}, "compile_seconds": {}, "graphs": 0, "graph_seconds": 0.0, "graph_memory_mib": 0.0,
-                   "stopped_by_budget": False}
+        summary: dict[str, object] = {"compiles": 0, "compile_seconds": 0.0, "graphs": 0, "graph_seconds": 0.0,
+                                      "graph_memory_mib": 0.0}
 
-        def over_budget() -> bool:
-            if max_seconds is not None and time.perf_counter() - started > max_seconds:
-                summary["stopped_by_budget"] = True
-                return True
-            return False
-
-        def timed(key: str, work: Callable[[], object]) -> float:
+        def timed(key: str, work: Callable[[], object]) -> None:
             t0 = time.perf_counter()
             work()
             if self.model.device.type == "cuda":
                 torch.cuda.synchronize()
-            timings[key] = seconds = time.perf_counter() - t0
-            log.info("warm-up %s: %.2f s", key, seconds)
-            return seconds
-
-        from torch._dynamo.utils import counters  # Dynamo's own count of the graphs it compiled
+            timings[key] = time.perf_counter() - t0
+            log.info("warm-up %s: %.2f s", key, timings[key])
+            if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                raise TimeoutError(f"the warm-up passed its {max_seconds:g} s budget ({WARMUP_SECONDS_ENV}) at {key}")
 
         with self._lock, torch.inference_mode():
             saved = self.state.active.clone()
-            self.state.active.zero_()
+            self.state.active.zero_()  # no row active: every step below is side-effect free
             self._active_slots = None
             self.sealed = False  # the warm-up itself may compile
             try:
-                # 1. compile (or, eager, run) each (rows, mode): every kv_len without graphs, the first with them
-                for mode in modes:
-                    graphs_before = counters["stats"]["unique_graphs"]
-                    for r in dict.fromkeys(rows):
-                        for kv in (kv_lens[:1] if self.use_graphs else kv_lens):
-                            if over_budget():
-                                break
-                            seconds = timed(f"rows={r} kv={kv} mode={mode}",
-                                            partial(self._step_function(r, mode == "full"), self._key_positions(kv)))
-                            summary["compile_seconds"][mode] = summary["compile_seconds"].get(mode, 0.0) + seconds
-                    summary["compiles"][mode] = counters["stats"]["unique_graphs"] - graphs_before
-                # 2. on CUDA, capture every graph a step can reach
+                if self.compiled:
+                    before = counters["stats"]["unique_graphs"]
+                    for mode in WARMUP_MODES:
+                        for rows in batch_buckets(self.slots):
+                            step = self._step_function(rows, mode == "full")
+                            timed(f"rows={rows} mode={mode}", partial(step, self._key_positions(self.kv_bucket)))
+                    summary["compiles"] = counters["stats"]["unique_graphs"] - before
+                    summary["compile_seconds"] = time.perf_counter() - started
                 if self.use_graphs:
-                    reserved = torch.cuda.memory_reserved()
-                    graphs_started = time.perf_counter()
-                    buckets = [(r, kv, m == "full") for m in modes for r in dict.fromkeys(rows) for kv in kv_lens]
-                    for key in [b for b in buckets if b not in self._graphs]:
-                        if over_budget():
-                            break
-                        try:  # a capture that fails leaves its bucket (and those after it) un-graphed
-                            timed(f"rows={key[0]} kv={key[1]} mode={MODES[key[2]]}",
-                                  lambda: self._graphs.__setitem__(key, self._capture(*key)))
-                        except Exception as error:  # noqa: BLE001 - setup must not fail on a capture
-                            log.exception("CUDA graph capture of %s failed: un-graphed from here", key)
-                            summary["capture_error"] = f"{type(error).__name__}: {error}"[:500]
-                            break
-                        summary["graphs"] += 1
-                    summary["graph_seconds"] = time.perf_counter() - graphs_started
-                    summary["graph_memory_mib"] = (torch.cuda.memory_reserved() - reserved) / 2**20
+                    self._capture_all(summary, timed)
+            except Exception as error:  # noqa: BLE001 - setup goes on with the eager step
+                self._fall_back(f"{type(error).__name__}: {error}"[:500])
             finally:
-                self.sealed = True  # whatever was sealed before: a warm-up seals
+                self.sealed = True
                 self.state.active.copy_(saved)
-        summary["seconds"] = time.perf_counter() - started
+        summary.update(seconds=time.perf_counter() - started, path=self.path, fallback=self.fallback_reason)
         self.warmup_summary = summary
-        log.info("warm-up: %.1f s; compiles per mode %s (%s s); %d CUDA graph(s) captured in %.1f s using %.0f MiB%s "
-                 "(compiled: %s, CUDA graphs: %s)", summary["seconds"], summary["compiles"],
-                 {m: round(v, 1) for m, v in summary["compile_seconds"].items()}, summary["graphs"],
-                 summary["graph_seconds"], summary["graph_memory_mib"],
-                 "; stopped by its time budget: the rest runs un-graphed or eager" if summary["stopped_by_budget"] else "",
-                 self.compiled, self.use_graphs)
+        log.info("decode warm-up: %.1f s; %d compile(s) in %.1f s; %d CUDA graph(s) captured in %.1f s using %.0f MiB; "
+                 "decode path: %s%s", summary["seconds"], summary["compiles"], summary["compile_seconds"],
+                 summary["graphs"], summary["graph_seconds"], summary["graph_memory_mib"], self.path,
+                 f" (fallback: {self.fallback_reason})" if self.fallback_reason else "")
         return timings
+
+    def _capture_all(self, summary: dict[str, object], timed: Callable[[str, Callable[[], object]], None]) -> None:
+        """Capture one CUDA graph per (rows, kv_len, mode) a step can reach, into one memory pool."""
+        reserved = torch.cuda.memory_reserved()
+        started = time.perf_counter()
+        for mode in WARMUP_MODES:
+            for rows in batch_buckets(self.slots):
+                for kv_len in self.kv_buckets():
+                    key = (rows, kv_len, mode == "full")
+                    timed(f"rows={rows} kv={kv_len} mode={mode}",
+                          lambda: self._graphs.__setitem__(key, self._capture(*key)))
+                    summary["graphs"] = len(self._graphs)
+                    summary["graph_seconds"] = time.perf_counter() - started
+                    summary["graph_memory_mib"] = (torch.cuda.memory_reserved() - reserved) / 2**20
+
+    def _fall_back(self, reason: str) -> None:
+        """Run the eager step from now on (setup only): drop the compiled regions and every graph."""
+        log.warning("the decode step was not compiled and captured in setup, so it runs eagerly: %s", reason)
+        self.fallback_reason = reason
+        self.compiled = self.use_graphs = False
+        self._compiled_step = None
+        self._graphs.clear()
+        self._graph_pool = None

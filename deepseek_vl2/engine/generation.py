@@ -9,7 +9,7 @@ The settings come from the caller (a server reads them once into an
 :class:`~.config.EngineConfig`); nothing here reads the environment.
 
 * ``compile``: True/False, or None: compiled on CUDA and eager on CPU. Compiled =
-  ``torch.compile(fullgraph=True)`` of the decode step, replayed as CUDA graphs on CUDA
+  ``torch.compile(fullgraph=True)`` of the decode step region by region, replayed as CUDA graphs on CUDA
   (``engine/decode.py``).
 * ``max_batch`` × ``max_len``: the persistent decode state (KV cache and every buffer a decode
   step touches), allocated here, once: ``max_batch`` requests at a time of up to ``max_len``
@@ -121,10 +121,9 @@ class Generator:
         """Grow the persistent decode state to at least ``max_batch`` slots of ``max_len`` tokens (setup time)."""
         self.engine.reserve(max_batch, max_len)
 
-    def warmup(self, rows: Optional[Sequence[int]] = None, kv_lens: Optional[Sequence[int]] = None,
-               modes: Sequence[str] = ("greedy", "full"), max_seconds: Optional[float] = None) -> dict[str, float]:
-        """Compile (and on CUDA capture) the decode step's buckets; seconds per bucket (see DecodeEngine.warmup)."""
-        return self.engine.warmup(rows, kv_lens, modes, max_seconds)
+    def warmup(self, max_seconds: Optional[float] = None) -> dict[str, float]:
+        """Compile (and on CUDA capture) the decode step; seconds per piece (see DecodeEngine.warmup)."""
+        return self.engine.warmup(max_seconds)
 
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, prompt: str, images: Sequence[Image.Image], system_prompt: str = "",

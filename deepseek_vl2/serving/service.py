@@ -36,6 +36,7 @@ from deepseek_vl2.model.config import load_config
 from deepseek_vl2.serving import coglet_bridge
 from deepseek_vl2.serving.errors import user_facing_error
 from deepseek_vl2.serving.inputs import PredictRequest
+from deepseek_vl2.serving.setup_phases import SetupPhases
 
 IMAGE_TAG = "<image>"
 Record = Callable[[str, Any], None]  # record_metric(name, value)
@@ -72,10 +73,11 @@ class Service:
         ``settings`` default to :meth:`EngineConfig.from_environment`, read here, once (an
         invalid value stops setup with a message naming the variable).
         """
-        started = time.perf_counter()
+        phases = SetupPhases()
         _show_engine_logs()
         settings = settings if settings is not None else EngineConfig.from_environment()
         checkpoint = weights.resolve_checkpoint(weights_source)
+        phases.done("find/download")
         config = load_config(checkpoint)  # config.json and the file list are read once, here
         files = weight_files(checkpoint)
         device = default_device()
@@ -92,19 +94,20 @@ class Service:
         engine = Generator.load(checkpoint, device=device, dtype=dtype, prefill_chunk=settings.prefill_chunk,
                                 compile=settings.compile, max_batch=settings.slots, kv_bucket=settings.kv_bucket,
                                 config=config, weight_files=files, quantize=quantize)
-        loaded = time.perf_counter()
+        phases.done("load" if quantize == "none" else f"load + quantize to {quantize}")
         weight_gb = sum(p.nbytes for p in engine.model.parameters()) / 1e9
         print(f"loaded {engine.variant} from {checkpoint} on {device} as {dtype} "
-              f"in {loaded - started:.1f} s; weights {weight_gb:.2f} GB, experts "
+              f"in {phases.elapsed():.1f} s; weights {weight_gb:.2f} GB, experts "
               f"{'in ' + quantize if quantize != 'none' else 'unquantized'} ({weights.QUANTIZE_ENV}="
               f"{quantize_setting})", flush=True)
-        if engine.engine.compiled:  # every batch × KV bucket, logged one line each, within a bound
-            engine.warmup(max_seconds=settings.warmup_seconds)  # before the scheduler thread exists
+        engine.warmup(max_seconds=settings.warmup_seconds)  # before the scheduler thread exists; says its path
+        phases.decode_warmup_done(engine.engine.warmup_summary)
         service = cls(engine, settings)
         blank = Image.new("RGB", (64, 64), (127, 127, 127))  # first request pays no lazy setup
         service.scheduler.run(engine.prepare(f"{IMAGE_TAG}\nWhat is this?", [blank]),
                               SamplingParams(temperature=0.0, max_new_tokens=2))
-        print(f"warm-up took {time.perf_counter() - loaded:.1f} s", flush=True)
+        phases.done("warm-up request")
+        phases.report()
         return service
 
     # ------------------------------------------------------------------------- predictions

@@ -1,18 +1,20 @@
 """Compile once, before the first request: a whole serving run on the CPU with compilation on.
 
-Setup (``Service.start`` with ``DSVL2_COMPILE=1`` and 8 slots) compiles the decode step once per
-(rows bucket, mode) — 1, 2, 4, 8 rows × full, greedy — and prints that count per mode. Then 24
-mixed requests (1 to 8 at once; greedy and sampled; short and near the context limit; with and
-without an image) must cause zero Dynamo compiles, and none may run an eager fallback.
+Setup (``Service.start`` with ``DSVL2_COMPILE=1`` and 8 slots) compiles the decode step region by
+region (engine/step.py): per rows bucket (1, 2, 4, 8) one inputs region, one region per kind of
+decoder layer (dense, MoE: shared by every layer of that kind, so 4 layers compile like 2) and one
+outputs region per mode (full, greedy) — and prints that count. Then 24 mixed requests (1 to 8 at
+once; greedy and sampled; short and near the context limit; with and without an image) must cause
+zero Dynamo compiles, and the engine must still run its compiled path.
 
 What Dynamo counts: ``counters["stats"]["unique_graphs"]``, one per graph it compiled, recompiles
 included. The checkpoint is the reduced random one of
-tools/checkpoints.py with 2 layers and a 1024-token context (compiling costs tens of
+tools/checkpoints.py with 4 layers (1 dense, 3 MoE) and a 1024-token context (compiling costs tens of
 seconds per function on a small CPU).
 
-The second test replaces CUDA-graph capture by a recording stand-in so that the capture rules
-hold on the CPU: only the warm-up captures, and a step whose bucket was not captured (or whose
-(rows, mode) was not compiled) runs without capturing or compiling.
+The next tests replace CUDA-graph capture by a recording stand-in so that the capture rules hold
+on the CPU: only the warm-up captures, every (rows, kv_len, mode) once; after it a step only
+replays. A failed compile or capture, or a spent time budget, leaves setup running the eager step.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def served(tmp_path_factory):
     from deepseek_vl2.serving.service import Service
 
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("compile-count") / "tiny", variant="tiny", seed=3,
-                                 layers=2, max_position_embeddings=CONTEXT)
+                                 layers=4, max_position_embeddings=CONTEXT)
     env = {"DSVL2_COMPILE": "1", "COG_MAX_CONCURRENCY": str(SLOTS), "DSVL2_WARMUP_SECONDS": "3000"}
     printed = io.StringIO()
     logger = logging.getLogger("deepseek_vl2")
@@ -92,10 +94,11 @@ def _requests(service) -> list[list[tuple]]:
 def test_a_serving_run_compiles_only_in_setup(served) -> None:
     service, printed = served
     engine = service.engine.engine
-    buckets = len(batch_buckets(SLOTS))
-    assert engine.sealed
-    assert engine.warmup_summary["compiles"] == {"full": buckets, "greedy": buckets}, engine.warmup_summary
-    assert "compiles per mode {'full': 4, 'greedy': 4}" in printed  # setup prints the count per mode
+    regions_per_rows = 1 + 2 + 2  # inputs, the dense and the MoE layer, outputs per mode
+    compiles = len(batch_buckets(SLOTS)) * regions_per_rows
+    assert engine.sealed and engine.path == "compiled"
+    assert engine.warmup_summary["compiles"] == compiles, engine.warmup_summary
+    assert f"{compiles} compile(s)" in printed  # setup prints the count
     before = dynamo_counts()
     for wave in _requests(service):
         handles = [service.scheduler.submit(inputs, params) for inputs, params in wave]
@@ -103,7 +106,7 @@ def test_a_serving_run_compiles_only_in_setup(served) -> None:
             "".join(handle)
             assert handle.stats.new_tokens >= 1, handle.stats
     assert dynamo_counts() == before, "a request compiled the decode step after setup"
-    assert not engine._eager_fallbacks, "a request ran a (rows, mode) the warm-up did not compile"
+    assert engine.path == "compiled" and engine.fallback_reason is None
 
 
 class RecordedGraph:
@@ -120,57 +123,66 @@ class RecordedGraph:
             out.copy_(new)
 
 
-def test_only_the_warm_up_captures_and_a_step_never_compiles_after_it(served, monkeypatch) -> None:
-    service, _ = served
-    model = service.engine.model
-    engine = DecodeEngine(model, slots=2, max_len=512, compile=True, kv_bucket=256)
+def _recording_engine(model, monkeypatch, slots: int = 2) -> tuple[DecodeEngine, list]:
+    """A compiled engine whose CUDA-graph captures are recorded stand-ins (the CPU has no graphs)."""
+    engine = DecodeEngine(model, slots=slots, max_len=512, compile=True, kv_bucket=256)
     captured: list[tuple[int, int, bool]] = []
 
     def capture(rows: int, kv_len: int, full: bool):
         assert threading.current_thread() is threading.main_thread()
         captured.append((rows, kv_len, full))
-        fn = engine._compiled_function(rows, full)
+        fn = engine._step_function(rows, full)
         graph = RecordedGraph(lambda: fn(engine._key_positions(kv_len)))
         graph.outputs = tuple(t.clone() for t in graph.run())
         return graph, graph.outputs
 
     monkeypatch.setattr(engine, "use_graphs", True)
     monkeypatch.setattr(engine, "_capture", capture)
-    engine.warmup(rows=[1], kv_lens=[256])  # rows 2 neither compiled nor captured; kv 512 not captured
-    assert sorted(captured) == [(1, 256, False), (1, 256, True)]
-    assert engine.warmup_summary["graphs"] == 2
+    return engine, captured
+
+
+def test_only_the_warm_up_captures_and_a_step_only_replays_after_it(served, monkeypatch) -> None:
+    service, _ = served
+    model = service.engine.model
+    engine, captured = _recording_engine(model, monkeypatch)
+    engine.warmup()
+    assert sorted(captured) == sorted((r, kv, f) for r in (1, 2) for kv in (256, 512) for f in (False, True))
+    assert engine.warmup_summary["graphs"] == 8 and engine.path == "compiled + CUDA graphs"
     monkeypatch.setattr(engine, "_capture", lambda *key: pytest.fail(f"a step captured {key}"))
+    monkeypatch.setattr(engine, "_step_function", lambda *key: pytest.fail(f"a step ran un-graphed {key}"))
     before = dynamo_counts()
-    vocab = model.config.language.vocab_size
-    seen = torch.zeros(vocab, dtype=torch.bool)
+    seen = torch.zeros(model.config.language.vocab_size, dtype=torch.bool)
     greedy, sampled = SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.9)
     with torch.inference_mode():
         for slot in (0, 1):
             engine.start_row(slot, token=5 + slot, position=3, seen=seen, params=sampled if slot else greedy)
         replays = lambda: sum(g.replays for g, _ in engine._graphs.values())  # noqa: E731
-        engine.step([0], [4], [greedy], [None])  # (1, 256, greedy): the captured graph
-        assert replays() == 1
-        engine.step([0], [300], [greedy], [None])  # (1, 512): the compiled function, un-graphed
-        engine.step([0, 1], [4, 4], [greedy, sampled], [None, torch.Generator().manual_seed(1)])  # rows 2: eager
-        assert replays() == 1
+        engine.step([0], [4], [greedy], [None])  # (1, 256, greedy)
+        engine.step([0], [300], [greedy], [None])  # (1, 512, greedy)
+        engine.step([0, 1], [4, 4], [greedy, sampled], [None, torch.Generator().manual_seed(1)])  # (2, 256, full)
+        assert replays() == 3
     assert dynamo_counts() == before, "a step compiled after the warm-up"
-    assert engine._eager_fallbacks == {(2, True)}
 
 
-def test_a_failed_capture_leaves_setup_running_un_graphed(served, monkeypatch) -> None:
+@pytest.mark.parametrize("failure", ["capture", "compile", "budget"])
+def test_a_failed_warm_up_falls_back_to_the_eager_step_and_says_why(served, monkeypatch, caplog, failure) -> None:
     service, _ = served
-    engine = DecodeEngine(service.engine.model, slots=1, max_len=512, compile=True, kv_bucket=256)
-    captured = []
-
-    def capture(rows: int, kv_len: int, full: bool):
-        if captured:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        captured.append((rows, kv_len, full))
-        return RecordedGraph(lambda: ()), ()
-
-    monkeypatch.setattr(engine, "use_graphs", True)
-    monkeypatch.setattr(engine, "_capture", capture)
-    engine.warmup(kv_lens=[256, 512], modes=["greedy"])
-    assert engine.sealed and engine.warmup_summary["graphs"] == 1
-    assert "not permitted" in engine.warmup_summary["capture_error"]
-    assert list(engine._graphs) == [(1, 256, False)]
+    engine, captured = _recording_engine(service.engine.model, monkeypatch, slots=1)
+    if failure == "capture":
+        monkeypatch.setattr(engine, "_capture", mock.Mock(side_effect=RuntimeError(
+            "operation not permitted when stream is capturing")))
+    if failure == "compile":
+        monkeypatch.setattr(type(engine._compiled_step), "__call__", mock.Mock(side_effect=RuntimeError(
+            "InductorError: no C++ compiler found")))
+    with caplog.at_level(logging.WARNING, logger="deepseek_vl2"):
+        engine.warmup(max_seconds=0 if failure == "budget" else None)
+    reason = {"capture": "not permitted", "compile": "no C++ compiler", "budget": "0 s budget"}[failure]
+    assert engine.sealed and engine.path == "eager" and reason in engine.fallback_reason
+    assert reason in caplog.text and "runs eagerly" in caplog.text
+    assert not engine._graphs and engine.warmup_summary["fallback"] == engine.fallback_reason
+    seen = torch.zeros(service.engine.model.config.language.vocab_size, dtype=torch.bool)
+    greedy = SamplingParams(temperature=0.0)
+    with torch.inference_mode():
+        engine.start_row(0, token=5, position=3, seen=seen, params=greedy)
+        tokens, _ = engine.step([0], [4], [greedy], [None])  # the eager step serves
+    assert 0 <= int(tokens[0]) < service.engine.model.config.language.vocab_size

@@ -140,16 +140,12 @@ def test_json_lines_come_as_measured_and_a_failing_mode_drops_alone(capsys, tmp_
     """--jsonl: one line per figure, written as measured (setup, runs, the sampled request, rows,
     done); a mode that fails (here the compiled warm-up, as when no C compiler is found) is
     dropped with a mode_failed line while eager still measures everything."""
-    from deepseek_vl2.engine.decode import DecodeEngine
+    from deepseek_vl2.engine.step import CompiledStep
 
-    original = DecodeEngine.warmup
+    def fails(self, *args, **kwargs):  # the warm-up falls back to eager: the benchmark drops the mode
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
 
-    def warmup(self, *args, **kwargs):
-        if self.compiled:
-            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DecodeEngine, "warmup", warmup)
+    monkeypatch.setattr(CompiledStep, "__call__", fails)
     lines = tmp_path / "bench.jsonl"
     result = run_json(capsys, [*SMOKE[:-4], "--modes", "eager,compiled", "--threads", "1", "--new-tokens", "3",
                                "--repeats", "1", "--target-rows", "--rows", "decode", "--jsonl", str(lines)])
@@ -164,3 +160,12 @@ def test_json_lines_come_as_measured_and_a_failing_mode_drops_alone(capsys, tmp_
     assert sampled["decode_tokens_per_second"] > 0
     assert result["modes_measured"] == ["eager"] and set(result["target_rows"][0]["values"]) == {"eager"}
     assert [e["key"] for e in events if e["event"] == "row"] == ["decode"]
+
+
+def test_setup_only_prints_one_json_object_of_setup_phases(capsys) -> None:
+    result = run_json(capsys, [*SMOKE, "--variant", "base", "--layers", "2", "--setup-only"])
+    setup = result["setup"]
+    assert list(result) == ["setup"] and setup["layers"] == 2 and setup["path"] == "eager"
+    assert (setup["compiles"], setup["graphs"], setup["compile_seconds"]) == (0, 0, 0.0)  # eager compiles nothing
+    assert list(setup["phases"]) == ["load", "compile", "capture"]
+    assert setup["total_seconds"] >= sum(setup["phases"].values()) - 1e-6 and setup["phases"]["load"] > 0

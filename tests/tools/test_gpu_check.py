@@ -58,6 +58,10 @@ def test_every_variant_measures_its_target_rows_and_a_sampled_request(dry_run) -
         assert memory["decode_states"] == len(modes) and memory["max_allocated"] is None
         assert 0 < memory["estimate_allocated"] < memory["plan"]["total"] == result["benchmark"]["memory"]["plan"]["total"]
     assert report["speed:tiny"]["benchmark"]["warmup_seconds"]["compiled"] > 0
+    setup = report["speed:tiny"]["setup"]  # the setup row: compiles counted, the compiled path kept
+    assert setup["path"] == "compiled" and setup["compiles"] > 0 and setup["compile_seconds"] > 0, setup
+    assert setup["build_seconds"] > 0 and not setup["fallback"]
+    assert "speed:tiny setup: build" in dry_run[1] and "compiling <= 20 s" in dry_run[1]
 
 
 def test_parity_runs_through_the_device_switch(dry_run) -> None:
@@ -80,6 +84,10 @@ def test_cog_server_answers_a_greedy_and_a_sampled_request(dry_run) -> None:
         assert answer["metrics"]["output_token_count"] >= 1
     assert cog["requests"][1]["temperature"] == 0.7 and cog["requests"][1]["top_p"] == 0.9
     assert 0 < cog["warmup_budget_seconds"] < report["meta"]["stage_limits"]["cog"]
+    phases = " ".join(cog["setup_phases"])  # Service.start timed each phase, and the total
+    for phase in ("find/download", "load", "compile", "capture", "warm-up request"):
+        assert f"setup phase {phase}" in phases, cog["setup_phases"]
+    assert cog["setup_phases"][-1].startswith("setup total: ")
 
 
 def test_reports_agree_and_four_files_come_back(dry_run) -> None:
@@ -122,18 +130,19 @@ def test_parity_counts_come_from_the_log_as_far_as_it_got(tmp_path) -> None:
     assert outcome_counts(tmp_path / "missing.log")["failures"]
 
 
-def test_the_preflight_picks_the_fastest_rung_that_worked() -> None:
-    lines = [{"event": "rung", "rung": "eager", "ok": True}, {"event": "rung", "rung": "eager+graphs", "ok": True},
+def test_the_preflight_picks_the_fastest_rung_that_worked_and_says_why() -> None:
+    lines = [{"event": "rung", "rung": "eager", "ok": True},
              {"event": "rung", "rung": "compiled+graphs", "ok": False, "error": "InvalidCxxCompiler"}]
-    assert rung_from_lines(lines, "cuda") == ("eager+graphs", "compiled+graphs: InvalidCxxCompiler")
-    assert rung_from_lines(lines[:1], "cuda")[0] == "eager"  # the faster rungs never answered (time limit)
+    assert rung_from_lines(lines, "cuda") == ("eager", "compiled+graphs: InvalidCxxCompiler")
+    assert rung_from_lines(lines[:1], "cuda")[0] == "eager"  # the faster rung never answered (time limit)
     assert "not reached" in rung_from_lines(lines[:1], "cuda")[1]
     assert rung_from_lines([], "cuda")[0] == "eager"
     tools = {"event": "toolchain", "c_compiler": "/usr/bin/gcc", "python_headers": "/x/Python.h", "triton": "3.6.0"}
-    rung, why = rung_from_lines([tools, *lines[:2]], "cuda")  # the compiled toy outlasted the limit
+    rung, why = rung_from_lines([tools, *lines[:1]], "cuda")  # the compiled toy outlasted the limit
     assert rung == "compiled+graphs" and "tried anyway" in why
-    assert rung_from_lines([{**tools, "python_headers": None}, *lines[:2]], "cuda")[0] == "eager+graphs"
-    assert rung_from_lines([tools, *lines], "cuda")[0] == "eager+graphs"  # it failed: not tried again
+    assert rung_from_lines([{**tools, "python_headers": None}, *lines[:1]], "cuda")[0] == "eager"
+    assert rung_from_lines([tools, *lines], "cuda")[0] == "eager"  # it failed: not tried again
+    assert rung_from_lines([{"event": "rung", "rung": "compiled", "ok": True}], "cpu") == ("compiled", "the fastest rung works")
 
 
 def test_each_call_fits_its_time_limit() -> None:

@@ -4,12 +4,13 @@ Stages, each a subprocess with its own time limit (printed before it starts), ru
 other whatever the previous one did:
 
 * ``preflight`` (tools/gpu_check/preflight.py): the toolchain and a toy step on each rung; picks the
-  fastest that works — compiled + CUDA graphs, eager + CUDA graphs, eager — for the stages below;
+  faster that works — compiled + CUDA graphs, else eager — for the stages below, saying why;
 * ``parity``: the reference-parity tests (tests/parity/test_reference.py, model sections) with
   ``DSVL2_TEST_DEVICE=cuda`` — the only stage that needs pytest (skipped, saying so, without it)
   — plus ``tools/parity/measure_bf16_drift.py --device cuda`` for the bf16 figures;
 * ``speed:VARIANT``: ``tools/benchmark.py`` on random weights of the real shapes, eager beside
-  the preflight's rung, that variant's target rows, one sampled request (temperature 0.7, top_p 0.9);
+  the preflight's rung, that variant's target rows, one sampled request (temperature 0.7, top_p 0.9),
+  and a setup row (random build, compile count and seconds, CUDA graphs and their pool);
 * ``official:VARIANT`` (when ``DSVL2_OFFICIAL`` points to the official package): the official
   code's figures on the same device;
 * ``cog`` (tools/gpu_check/cog_stage.py): Cog's HTTP server on the device, its own warm-up budget,
@@ -58,17 +59,15 @@ CALLS = {"1": ["preflight", "parity", "speed:tiny", "speed:small", "official:sma
 CALL_SECONDS = 470  # each device call is sent with a 480 s limit: the stages end 10 s before it
 
 # Stage limits on the GPU = 1.25 × (work without compiling + the stage's compiles), printed at the
-# start. Compiles per stage on the compiled rung, counted from what each stage runs (docs/benchmark.md):
-# tiny: greedy rows 1 and 8 (decode, TTFT, 8 concurrent) + full rows 1 (the sampled request) = 3;
-# small and base: greedy rows 1 = 1 (their sampled request runs the eager full step); cog: full +
-# greedy at 1 slot = 2 (its checkpoint has 3 layers).
-COMPILES = {"speed:tiny": (12, 3), "speed:small": (27, 1), "speed:base": (30, 1), "cog": (3, 2)}  # (layers, count)
-# Seconds of one compile, from the rehearsal (tools/gpu_check/rehearse_env.sh --compiles: torch 2.11,
-# this 2-core CPU, reduced widths — compile time follows the layer count, not the widths), wall
-# time × the CPU share the process got (the GPU machine's 16 cores are its own): 12 layers, first
-# compile 109 s × 0.54 = 59 s, second 26 s × 0.54 = 14 s; 30 layers 36 s × 0.87 = 31 s for a
-# later compile. So a compile costs 2.7 + 0.94 s per layer, and a process's first one 45 s more
-# (Inductor's start-up and cold code generation).
+# start. The decode step compiles region by region (docs/engine.md), independent of depth: per rows
+# bucket one inputs region, one per layer kind (dense, MoE) and one outputs region per mode = 5.
+# Stages: tiny warms 8 slots (rows 1, 2, 4, 8: 20 regions, 8 of them layers); small, base and cog
+# 1 slot (5 regions, 2 of them layers).
+COMPILES = {"speed:tiny": (20, 8), "speed:small": (5, 2), "speed:base": (5, 2), "cog": (5, 2)}  # (regions, layer regions)
+# Seconds of a compile from the rehearsal (tools/gpu_check/rehearse_env.sh --compiles: torch 2.11, this
+# 2-core CPU, reduced widths, wall time × the CPU share the process got): a compiled function costs
+# 2.7 s + 0.94 s per decoder layer in it, a process's first compile 45 s more (Inductor's start-up
+# and cold code generation); a region holds at most one layer.
 FIRST_COMPILE_EXTRA, COMPILE_BASE, COMPILE_PER_LAYER = 45.0, 2.7, 0.94
 # Work that is not compiling, estimated for an H100 (model build at a few GB/s of random draws,
 # eager requests at ~30 tokens/s, graph captures at ~0.2 s each): base's eager 500-token demo
@@ -80,8 +79,8 @@ SAFETY = 1.25
 
 def compile_seconds(stage: str) -> float:
     """Seconds the stage's compiles cost (0 without compiles, or on an eager rung)."""
-    layers, count = COMPILES.get(stage, (0, 0))
-    return FIRST_COMPILE_EXTRA + count * (COMPILE_BASE + COMPILE_PER_LAYER * layers) if count else 0.0
+    regions, layer_regions = COMPILES.get(stage, (0, 0))
+    return FIRST_COMPILE_EXTRA + regions * COMPILE_BASE + layer_regions * COMPILE_PER_LAYER if regions else 0.0
 
 
 def stage_limits(rung_compiles: bool = True) -> dict[str, int]:
@@ -244,9 +243,9 @@ def speed_stage(check: Check, stage: str) -> dict[str, Any]:
     if check.args.dry_run:  # compiling costs a minute on 2 CPU cores: the compiled path runs for tiny only
         command += ["--size", "reduced", "--dtype", "float32", "--new-tokens", "8", "--repeats", "1",
                     "--row-new-tokens-scale", "0.03", "--concurrency", "2", "--max-len", "1792", "--threads", "2"]
-    else:  # the sampled request compiles (and captures) its full step for tiny only: one compile, not three
-        command += ["--dtype", "bfloat16", "--new-tokens", "64", "--repeats", "2",
-                    "--sampled", "warmed" if variant == "tiny" else "unwarmed"]
+    else:  # the warm-up compiles (and captures) both step modes: the sampled request compiles nothing
+        command += ["--dtype", "bfloat16", "--new-tokens", "64", "--repeats", "2"]
+        command += ["--max-len", "1024"] if variant == "tiny" else []  # its rows fit: 4 KV buckets to capture
     wrapped = ["bash", "-c", f'exec {" ".join(command)} > "{json_path}"']
     result = check.run(stage, wrapped, {"TORCHINDUCTOR_COMPILE_THREADS": "1"} if check.args.dry_run else None)
     with contextlib.suppress(OSError, ValueError):  # a run that printed its JSON but lingered past the limit counts
@@ -256,8 +255,19 @@ def speed_stage(check: Check, stage: str) -> dict[str, Any]:
     result["sampled"] = {line["mode"]: line for line in lines if line["event"] == "sampled"}
     result["memory"] = next((line for line in lines if line["event"] == "memory"), None)  # estimate vs max allocated
     result["mode_failed"] = [line for line in lines if line["event"] == "mode_failed"]
+    result["setup"] = setup_row(lines)
     result["complete"] = any(line["event"] == "done" for line in lines)
     return result
+
+
+def setup_row(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """The setup figures of one speed stage: the random build, then the compiled warm-up's compile
+    count and seconds, CUDA graphs, their seconds and pool (empty keys when the stage did not get there)."""
+    build = next((line for line in lines if line["event"] == "setup"), {})
+    warm = next((line for line in lines if line["event"] == "warmup"), {})
+    return {"build_seconds": build.get("random_build_seconds", build.get("load_seconds")),
+            **{key: warm.get(key) for key in ("path", "compiles", "compile_seconds", "graphs", "graph_seconds",
+                                              "graph_memory_mib", "fallback")}}
 
 
 def official_stage(check: Check, stage: str) -> dict[str, Any]:

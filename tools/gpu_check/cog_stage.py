@@ -3,7 +3,7 @@
 Writes a tiny random-weight checkpoint (reduced sizes: seconds to make), serves predict.py with
 Cog's own server (``python -m cog.server.http``, this interpreter's folder first on PATH: coglet
 starts its worker as a bare ``python``) with its own warm-up budget (``DSVL2_WARMUP_SECONDS``,
-a third of ``--seconds``), then sends demo.png with the demo prompt twice in synchronous
+half of ``--seconds``: past it setup falls back to the eager step), then sends demo.png with the demo prompt twice in synchronous
 ``POST /predictions``: greedy (temperature 0), then sampled (temperature 0.7, top_p 0.9). Each
 answer's status, length, metrics and timings is one JSON line (``--events``) as soon as it is
 known, and all of it goes to OUT.json. The server and its worker are ended when the stage ends,
@@ -66,6 +66,13 @@ def emit(events: Optional[Path], event: str, **fields) -> None:
                                     default=str) + "\n")
 
 
+def log_message(line: str) -> str:
+    """The message of one server log line: coglet writes JSON (``fields.message``), else the line itself."""
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(json.loads(line)["fields"]["message"]).strip()
+    return line.strip()
+
+
 def serve_and_predict(checkpoint: Path, workdir: Path, inputs: dict, seconds: float,
                       events: Optional[Path] = None) -> dict:
     """Start Cog's server on predict.py, wait for READY, send the greedy then the sampled request,
@@ -74,7 +81,7 @@ def serve_and_predict(checkpoint: Path, workdir: Path, inputs: dict, seconds: fl
     port = free_port()
     env = {**os.environ, "PORT": str(port), "COG_WEIGHTS": str(checkpoint),
            "COG_PREDICT_TYPE_STUB": f"{REPO_ROOT / 'predict.py'}:Predictor",
-           "DSVL2_WARMUP_SECONDS": os.environ.get("DSVL2_WARMUP_SECONDS", str(round(seconds / 3))),
+           "DSVL2_WARMUP_SECONDS": os.environ.get("DSVL2_WARMUP_SECONDS", str(round(seconds / 2))),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     log_path = workdir / "server.log"
@@ -122,7 +129,10 @@ def serve_and_predict(checkpoint: Path, workdir: Path, inputs: dict, seconds: fl
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop_group(server)
-    result["server_log_tail"] = log_path.read_text(errors="replace")[-2500:]
+    text = log_path.read_text(errors="replace")
+    result["server_log_tail"] = text[-2500:]
+    result["setup_phases"] = [message for message in map(log_message, text.splitlines())  # Service.start's phases
+                              if message.startswith(("setup phase ", "setup total: "))]
     return result
 
 
@@ -155,7 +165,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     result["summary"] = (f"{'answered' if ok else 'FAILED'} (setup {result.get('setup_status')} in "
                          f"{result.get('setup_seconds')} s, warm-up budget {result['warmup_budget_seconds']:.0f} s) — "
                          + ("; ".join(parts) or "no request answered")
-                         + " (tiny random-weight checkpoint, reduced sizes)")
+                         + " (tiny random-weight checkpoint, reduced sizes)"
+                         + (f"; {result['setup_phases'][-1]}" if result.get("setup_phases") else ""))
     args.out.write_text(json.dumps(result, indent=2, default=str))
     return 0 if ok else 1
 

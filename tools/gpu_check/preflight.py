@@ -3,11 +3,11 @@
 Checks the toolchain Inductor needs (a C compiler, the Python headers, Triton on CUDA), then
 tries a toy step that has what the decode step has (matmuls, a stable sort over a wide row, a
 cumulative sum, an argmax) on each rung, slowest first, so that a rung that hangs past the
-stage's limit still leaves the rungs below it proven:
+stage's limit still leaves the rung below it proven. The rungs are the product's two decode
+paths (docs/engine.md):
 
-1. ``eager`` — the plain step;
-2. ``eager+graphs`` (CUDA) — the eager step captured as a CUDA graph and replayed;
-3. ``compiled+graphs`` (CUDA; ``compiled`` on the CPU) — ``torch.compile(fullgraph=True)``,
+1. ``eager`` — the plain step (the one fallback);
+2. ``compiled+graphs`` (CUDA; ``compiled`` on the CPU) — ``torch.compile(fullgraph=True)``,
    captured and replayed.
 
 Each rung's result (ok, seconds, the error) is one JSON line in OUT as soon as it is known, and
@@ -31,9 +31,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-RUNGS = {"cuda": ("eager", "eager+graphs", "compiled+graphs"), "cpu": ("eager", "compiled")}
-BENCHMARK_MODES = {"compiled+graphs": "eager,compiled", "compiled": "eager,compiled", "eager+graphs": "eager,graphs",
-                   "eager": "eager"}
+RUNGS = {"cuda": ("eager", "compiled+graphs"), "cpu": ("eager", "compiled")}
+BENCHMARK_MODES = {"compiled+graphs": "eager,compiled", "compiled": "eager,compiled", "eager": "eager"}
 
 
 def toolchain() -> dict[str, Any]:

@@ -51,6 +51,20 @@ def speed_lines(stage: str, result: dict[str, Any], official: dict[str, Any]) ->
     return lines
 
 
+SETUP_GOAL = "goal on an H100, base from local weights: READY <= 60 s, compiling <= 20 s"
+
+
+def setup_line(stage: str, setup: dict[str, Any]) -> str:
+    """One variant's setup row: random build, compiles, CUDA graphs (random weights: READY needs the Cog stage)."""
+    if setup.get("compiles") is None:
+        return f"- {stage} setup: no compiled warm-up measured ({SETUP_GOAL})"
+    fallback = f"; FELL BACK to eager: {setup['fallback']}" if setup.get("fallback") else ""
+    return (f"- {stage} setup: build {fmt(setup.get('build_seconds'))} s, {setup['compiles']} compile(s) in "
+            f"{fmt(setup.get('compile_seconds'))} s, {setup.get('graphs')} CUDA graph(s) in "
+            f"{fmt(setup.get('graph_seconds'))} s using {fmt(setup.get('graph_memory_mib'))} MiB, path "
+            f"{setup.get('path')}{fallback} ({SETUP_GOAL})")
+
+
 def official_figure(official: dict[str, Any], key: str) -> str:
     """The official code's figure for a row, from the workload that measures the same thing."""
     for line in official.get("lines", []) if isinstance(official, dict) else []:
@@ -82,6 +96,7 @@ def markdown(report: dict[str, Any]) -> str:
             official = report.get(stage.replace("speed:", "official:"), {})
             lines += speed_lines(stage, report[stage], official)
         for stage in speed:
+            lines.append(setup_line(stage, report[stage].get("setup") or {}))
             for mode, run in report[stage].get("sampled", {}).items():
                 lines.append(f"- {stage} sampled request ({mode}, temperature {run['temperature']}, top_p "
                              f"{run['top_p']}): {fmt(run['decode_tokens_per_second'])} tokens/s decode, "
