@@ -92,7 +92,8 @@ class DecodeState:
 
     def nbytes(self) -> int:
         """Device memory held by the state (KV cache included)."""
-        tensors = (self.tokens, self.positions, self.seen, self.uniforms, self.active, *self.columns.tensors())
+        tensors = (self.tokens, self.positions, self.seen, self.uniforms, self.active, self.key_positions,
+                   *self.columns.tensors())
         return self.cache.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
 
 

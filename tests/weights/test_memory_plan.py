@@ -43,13 +43,13 @@ def n_params(variant: str) -> int:
 @pytest.mark.parametrize("slots", [1, 8])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_state_term_is_every_buffer_the_decode_state_allocates(variant: str, slots: int) -> None:
-    """Equal to DecodeState.nbytes() plus key_positions (an arange the step slices, which nbytes() leaves out)."""
+    """Equal to DecodeState.nbytes(), every buffer of the state."""
     config = real_config(variant)
     max_len = config.language.max_position_embeddings
     state = DecodeState.allocate(meta_model(config), slots, max_len)
     assert state.cache.layers[0].first.device.type == "meta"
     counted = decode_state_bytes(config.language, slots, max_len, dtype_bytes=2)
-    assert counted == state.nbytes() + state.key_positions.numel() * state.key_positions.element_size()
+    assert counted == state.nbytes()
     assert plan_memory(config, "none", slots, 1, **SETTINGS).decode_state == counted
 
 
