@@ -15,11 +15,13 @@ changed (other pixels, or a tiling that changed because a third image arrived) h
 hash, so the match stops at its first position. Two images with the same pixels and tiling
 have the same tokens, so a run of one image's key is unambiguous.
 
-Choosing a slot (:meth:`PrefixCache.choose`): the parked slot with the longest match (at most
-the prompt's length minus one: the last prompt token is always prefilled, it gives the first
-token's logits); without a match, the lowest free slot nothing is parked in (low slots keep the
-stepped rows few), else the least recently parked slot. The chosen slot's parked tokens are
-forgotten before it is handed out: its new request overwrites them. Two requests matching the
+Choosing a slot (:meth:`PrefixCache.choose`): a request overwrites a parked slot after the
+part it reuses, so it takes a parked slot only when the match is worth it — at least as long as
+what it would overwrite there (a conversation going on overwrites nothing) — and then the one
+with the longest match; else the lowest free slot nothing is parked in (low slots keep the
+stepped rows few); else the least recently parked slot, reusing whatever prefix it shares. A match
+stops one short of the prompt: the last prompt token is always prefilled (it gives the first
+token's logits). The chosen slot's parked tokens are forgotten before it is handed out. Two requests matching the
 same parked slot: the first admitted takes it, the second prefills in full (a copy of the rows
 would save the prefill but needs the first request not to have overwritten them yet).
 """
@@ -102,19 +104,24 @@ class PrefixCache:
         module docstring); that slot's parked tokens are forgotten. Raises ValueError with no free slot."""
         if not free:
             raise ValueError("no free slot to choose from")
-        match = Match(-1, 0)
-        if self.enabled and keys is not None and keys.numel() > 1:
-            for slot in free:
-                if slot in self._parked:
-                    reused = min(common_prefix(self._parked[slot][0], keys), keys.numel() - 1)
-                    if reused > match.reused:
-                        match = Match(slot, reused)
-        if match.slot < 0:
-            unparked = [slot for slot in free if slot not in self._parked]
-            slot = min(unparked) if unparked else min(free, key=lambda s: self._parked[s][1])
-            match = Match(slot, 0)
+        matches = {slot: self._reusable(slot, keys) for slot in free if slot in self._parked}
+        worth = [slot for slot, reused in matches.items() if 2 * reused >= self._parked[slot][0].numel()]
+        unparked = [slot for slot in free if slot not in self._parked]
+        if worth:
+            slot = max(worth, key=lambda s: (matches[s], -s))
+        elif unparked:
+            slot = min(unparked)
+        else:
+            slot = min(matches, key=lambda s: self._parked[s][1])
+        match = Match(slot, matches.get(slot, 0))
         self.forget(match.slot)
         return match
+
+    def _reusable(self, slot: int, keys: Optional[torch.Tensor]) -> int:
+        """Leading positions of parked ``slot`` a prompt with ``keys`` may reuse (all but its last)."""
+        if not self.enabled or keys is None:
+            return 0
+        return max(0, min(common_prefix(self._parked[slot][0], keys), keys.numel() - 1))
 
     def park(self, slot: int, keys: torch.Tensor) -> None:
         """Remember that ``slot``'s KV holds ``keys`` (positions [0, len(keys))) while it is free."""
