@@ -50,6 +50,7 @@ from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs 
 from deepseek_vl2.model.checkpoint import load_model, weight_files  # noqa: E402
 from deepseek_vl2.model.multimodal import DeepseekVL2  # noqa: E402
 from deepseek_vl2.model.quantization import quantize_experts  # noqa: E402
+from tools.bench_conversation import prefix_cache_figures  # noqa: E402
 from tools.bench_figures import (  # noqa: E402
     Report, activated_parameters, kv_cache_bytes_per_position, memory_check, peak_bandwidth_gbs, peak_memory_bytes,
     read_files_seconds, reset_peak_memory, synthetic_image,
@@ -61,7 +62,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("eager", "compiled")
 QUANTIZE = ("none", "int8", "fp8")
 DEFAULT_PROMPT = "Describe this image in detail."
-ROW_KEYS = ("decode", "ttft", "e2e_1428", "e2e_demo", "concurrency", "setup", "memory")
+ROW_KEYS = ("decode", "ttft", "e2e_1428", "e2e_demo", "concurrency", "prefix", "setup", "memory")
 FILLER = " describe"
 __all__ = ["activated_parameters", "kv_cache_bytes_per_position", "main"]
 
@@ -360,6 +361,7 @@ TARGETS = {  # the GPU target table (docs/benchmark.md), batch 1, bfloat16, one 
     "e2e_1428": {"small": 1.2},
     "e2e_demo": {"base": 6.0},
     "concurrency": {"tiny": 4.0},
+    "prefix": {"tiny": 0.2, "small": 0.2, "base": 0.2},
     "setup": {"tiny": 1.3, "small": 1.3, "base": 1.3},
     "memory": {"base": 80.0, "small": 40.0},
 }
@@ -424,6 +426,18 @@ def target_rows(model: DeepseekVL2, generators: dict[str, Generator], args: argp
                 detail[mode] = {"one": one, "many": many}
         row("concurrency", f"{args.concurrency} concurrent requests: aggregate tokens/s ÷ one request's "
             f"({new} new tokens each, {variant})", "x", "higher", ratio, detail=detail)
+
+    if "prefix" in wanted:
+        new = max(2, int(20 * scale))
+        values, detail = {}, {}
+        for mode, generator in list(generators.items()):
+            figures = guarded(generators, mode, "prefix",
+                              lambda: prefix_cache_figures(generator, synthetic_image(640, 480), new))
+            if figures is not None:
+                values[mode], detail[mode] = figures["ratio"], figures
+        row("prefix", f"3-turn conversation (640x480 image in turn 1, ~20-token turns, {new} new tokens): TTFT "
+            f"with ÷ without the prefix cache, the larger of turns 2 and 3 ({variant})", "x", "lower", values,
+            detail=detail)
 
     if "setup" in wanted:
         row("setup", "setup from local disk: load ÷ plain read of the weight files", "x", "lower",

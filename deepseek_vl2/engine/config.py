@@ -21,6 +21,7 @@ SLOTS_ENV = "COG_MAX_CONCURRENCY"  # written into a built image by `cog build` f
 COMPILE_ENV = "DSVL2_COMPILE"
 WARMUP_SECONDS_ENV = "DSVL2_WARMUP_SECONDS"
 STREAMING_ENV = "DSVL2_STREAMING"
+PREFIX_CACHE_ENV = "DSVL2_PREFIX_CACHE"
 
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill step: a long prompt delays others by one chunk a turn
 DEFAULT_KV_BUCKET = 256  # decode steps attend over the cache rounded up to a multiple of this
@@ -49,6 +50,8 @@ class EngineConfig:
     max_waiting: requests that may wait for a slot before new ones are refused.
     quantize: expert weight format asked for (``DSVL2_QUANTIZE``: auto, none, int8, fp8); setup
         turns "auto" into the format that fits (deepseek_vl2/weights/sizing.py).
+    prefix_cache: finished requests' slots stay parked with their tokens and a request beginning
+        with them reuses that KV (``DSVL2_PREFIX_CACHE`` 1/0; engine/prefix_cache.py).
     """
 
     slots: int = 1
@@ -59,6 +62,7 @@ class EngineConfig:
     kv_bucket: int = DEFAULT_KV_BUCKET
     max_waiting: int = DEFAULT_MAX_WAITING
     quantize: str = "auto"
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("slots", "prefill_chunk", "kv_bucket"):
@@ -73,6 +77,8 @@ class EngineConfig:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
                 or seconds < 0:
             raise ConfigError(f"warmup_seconds must be a finite number >= 0, got {seconds!r}")
+        if self.prefix_cache not in (True, False):
+            raise ConfigError(f"prefix_cache must be True or False, got {self.prefix_cache!r}")
         if self.streaming not in STREAMING_MODES:
             raise ConfigError(f"streaming must be one of {', '.join(STREAMING_MODES)}, got {self.streaming!r}")
         if self.quantize not in QUANTIZE_SETTINGS:
@@ -88,6 +94,10 @@ class EngineConfig:
             if raw not in ("0", "1"):
                 raise ConfigError(f"{COMPILE_ENV} must be 0 (eager) or 1 (compiled), got {raw!r}")
             values["compile"] = raw == "1"
+        if raw := _read(environ, PREFIX_CACHE_ENV):
+            if raw not in ("0", "1"):
+                raise ConfigError(f"{PREFIX_CACHE_ENV} must be 0 (off) or 1 (on), got {raw!r}")
+            values["prefix_cache"] = raw == "1"
         if raw := _read(environ, WARMUP_SECONDS_ENV):
             values["warmup_seconds"] = _parse(WARMUP_SECONDS_ENV, raw, float, "a number of seconds >= 0",
                                               lambda s: math.isfinite(s) and s >= 0)

@@ -154,12 +154,15 @@ class DecodeEngine:
                 raise RuntimeError("the decode state cannot grow while requests hold slots")
             self._allocate(max(slots, self.slots), max(max_len, self.max_len))
 
-    def acquire(self) -> int:
-        """The lowest free slot (low slots keep the stepped rows few); raises SlotsExhaustedError."""
+    def acquire(self, slot: Optional[int] = None) -> int:
+        """Free slot ``slot``, or by default the lowest free one (low slots keep the stepped rows few);
+        raises SlotsExhaustedError when none is free, ValueError when ``slot`` is not."""
         with self._lock:
             if not self.state.free:
                 raise SlotsExhaustedError(f"all {self.slots} decode slot(s) are in use; retry shortly")
-            slot = min(self.state.free)
+            if slot is not None and slot not in self.state.free:
+                raise ValueError(f"slot {slot} is not free")
+            slot = min(self.state.free) if slot is None else slot
             self.state.free.remove(slot)
             return slot
 

@@ -47,6 +47,7 @@ from deepseek_vl2.model.config import DeepseekVL2Config
 from deepseek_vl2.model.multimodal import DeepseekVL2
 from .config import DEFAULT_KV_BUCKET, DEFAULT_PREFILL_CHUNK, resolve_compile
 from .decode import DecodeEngine
+from .prefix_cache import PrefixCache, sequence_keys
 from .request import GenerationStats, Phase, Request
 from .sampling import SamplingParams, draw_uniforms, make_generator, make_seen_mask, sample_next, update_seen
 from .streaming import TextStreamer, hidden_special_ids
@@ -65,7 +66,7 @@ class Generator:
 
     def __init__(self, model: DeepseekVL2, processor: DeepseekVL2Processor, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  *, compile: Optional[bool] = None, max_batch: int = 1, max_len: Optional[int] = None,
-                 kv_bucket: int = DEFAULT_KV_BUCKET) -> None:
+                 kv_bucket: int = DEFAULT_KV_BUCKET, prefix_cache: bool = True) -> None:
         self.model = model
         self.processor = processor
         self.prefill_chunk = prefill_chunk
@@ -74,13 +75,15 @@ class Generator:
         self.hidden_token_ids = hidden_special_ids(processor.tokenizer)  # grounding tags stay visible
         self.engine = DecodeEngine(model, max_batch, max_len or self.context_length,
                                    resolve_compile(compile, model.device.type), kv_bucket)
+        # finished requests' slots stay parked with their tokens; a request starting with them reuses the KV
+        self.prefix_cache = PrefixCache(prefix_cache)
 
     @classmethod
     def load(
         cls, checkpoint_dir: str | Path, device=None, dtype: Optional[torch.dtype] = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, *, compile: Optional[bool] = None, max_batch: int = 1,
         max_len: Optional[int] = None, kv_bucket: int = DEFAULT_KV_BUCKET, config: Optional[DeepseekVL2Config] = None,
-        weight_files: Optional[Sequence[Path]] = None, quantize: str = "none",
+        weight_files: Optional[Sequence[Path]] = None, quantize: str = "none", prefix_cache: bool = True,
     ) -> "Generator":
         """Load model and processor from an official checkpoint directory (arguments: module docstring;
         ``quantize``: "none", or "int8"/"fp8" expert weights)."""
@@ -88,7 +91,7 @@ class Generator:
                            quantize=quantize)
         processor = DeepseekVL2Processor.from_pretrained(checkpoint_dir)
         return cls(model, processor, prefill_chunk, compile=compile, max_batch=max_batch, max_len=max_len,
-                   kv_bucket=kv_bucket)
+                   kv_bucket=kv_bucket, prefix_cache=prefix_cache)
 
     @property
     def variant(self) -> str:
@@ -119,7 +122,10 @@ class Generator:
 
     def reserve(self, max_batch: int, max_len: int) -> None:
         """Grow the persistent decode state to at least ``max_batch`` slots of ``max_len`` tokens (setup time)."""
+        state = self.engine.state
         self.engine.reserve(max_batch, max_len)
+        if self.engine.state is not state:  # a new state: the parked KV is gone
+            self.prefix_cache.clear()
 
     def warmup(self, max_seconds: Optional[float] = None) -> dict[str, float]:
         """Compile (and on CUDA capture) the decode step; seconds per piece (see DecodeEngine.warmup)."""
@@ -183,45 +189,70 @@ class Generator:
         stats = GenerationStats(prompt_tokens=prompt_tokens, max_new_tokens=max_new, seed=seed)
         streamer = TextStreamer(self.processor.tokenizer, self.hidden_token_ids, params.stop)
         seen = make_seen_mask([inputs.input_ids], vocab, device)
+        keys = sequence_keys(inputs) if self.prefix_cache.enabled else None
         return Request(inputs, params, max_new, seen, generator, streamer, stats,
-                       step_logits=[] if record_logits else None)
+                       step_logits=[] if record_logits else None, keys=keys)
 
     def admit(self, request: Request) -> None:
-        """Give a WAITING request the lowest free decode-state slot (raises SlotsExhaustedError)."""
-        request.assign(self.engine.acquire())
+        """Give a WAITING request a free decode-state slot: the parked one holding the longest prefix
+        of its prompt (that KV is reused: ``length`` and ``stats.cached_tokens``), else a fresh one
+        (engine/prefix_cache.py). Raises SlotsExhaustedError."""
+        free = self.engine.free_slots
+        match = self.prefix_cache.choose(request.keys, free) if free else None
+        request.assign(self.engine.acquire(match.slot if match else None))  # none free: SlotsExhaustedError
+        request.length = request.stats.cached_tokens = match.reused
 
     def release(self, request: Request) -> None:
-        """Give the request's decode-state slot back, if it holds one (its row goes idle)."""
+        """Give the request's decode-state slot back, if it holds one (its row goes idle); the slot
+        stays parked with the tokens whose KV it really holds (none after a failure)."""
         if request.slot is not None:
             slot, request.slot = request.slot, None
             self.engine.release(slot)
+            if request.error is None and request.keys is not None:
+                written = torch.cat([request.keys, torch.tensor(request.tokens, dtype=torch.long)])[: request.length]
+                self.prefix_cache.park(slot, written)
 
     @torch.inference_mode()
     def prefill_step(self, request: Request) -> bool:
         """Write the next ``prefill_chunk`` tokens of the prompt into ``request``'s slot of the decode
         state's KV cache; True once the prompt is in.
 
-        The first call embeds the prompt (vision tower over all tiles in one batch); the last sets
-        ``request.next_logits`` and the phase SAMPLING.
+        The first call embeds the prompt from ``request.length`` on (the KV before it is reused: the
+        vision tower runs, over all their tiles in one batch, on the images with a position there);
+        the last sets ``request.next_logits`` and the phase SAMPLING.
         """
         if request.phase is not Phase.PREFILLING or request.slot is None:
             raise RuntimeError(f"only a request holding a slot prefills; this one is {request.phase.value}")
         chunk, cache = self.prefill_chunk, self.engine.state.cache
+        total = request.stats.prompt_tokens
         if request.embeds is None:
-            inputs = request.inputs
-            request.embeds = self.model.embed_inputs(
-                inputs.input_ids, inputs.images, inputs.images_seq_mask, inputs.images_spatial_crop
-            ).unsqueeze(0)
-        start, total = request.length, request.embeds.shape[1]
+            request.embeds = self._embed_from(request.inputs, request.length).unsqueeze(0)
+        start = request.length
         end = min(start + chunk, total)
+        offset = total - request.embeds.shape[1]  # the embeddings begin at this position
         positions = torch.arange(start, end, device=self.model.device).unsqueeze(0)
         slots = slice(request.slot, request.slot + 1)  # one slot: the cache is read as a view
-        logits = self.model.forward_embeds(request.embeds[:, start:end], positions, cache, slots, kv_len=end, last_only=True)
+        logits = self.model.forward_embeds(request.embeds[:, start - offset : end - offset], positions, cache, slots,
+                                           kv_len=end, last_only=True)
         request.length = end
         if end < total:
             return False
         request.next_logits, request.embeds, request.phase = logits[0, -1], None, Phase.SAMPLING
         return True
+
+    def _embed_from(self, inputs: ProcessedInputs, start: int) -> torch.Tensor:
+        """Embeddings [T - start, D] of the prompt's positions from ``start`` on; the vision tower runs
+        only on the images with a position there (a partly reused image is embedded whole, then cut)."""
+        mask = inputs.images_seq_mask.reshape(-1).cpu()
+        image_ends = torch.nonzero(mask).reshape(-1).split(list(inputs.num_image_tokens)) if mask.any() else ()
+        tiles = [1 + a * d for a, d in inputs.images_spatial_crop.tolist() if a > 0 and d > 0]
+        first = next((i for i, span in enumerate(image_ends) if int(span[-1]) >= start), len(image_ends))
+        if first == len(image_ends):  # only text from ``start`` on
+            return self.model.embed_inputs(inputs.input_ids.reshape(-1)[start:])
+        begin = min(start, int(image_ends[first][0]))
+        embeds = self.model.embed_inputs(inputs.input_ids.reshape(-1)[begin:], inputs.images[sum(tiles[:first]):],
+                                         mask[begin:], inputs.images_spatial_crop[first:])
+        return embeds[start - begin :]
 
     def next_tokens(self, requests: Sequence[Request]) -> list[int]:
         """One decode step for ``requests`` (each holding a slot, its first token chosen): the new token

@@ -49,6 +49,7 @@ class GenerationStats:
     new_tokens: int = 0
     max_new_tokens: int = 0
     seed: Optional[int] = None
+    cached_tokens: int = 0  # leading prompt tokens whose KV a parked slot held (not prefilled again)
     time_to_first_token: float = 0.0
     total_seconds: float = 0.0
     finish_reason: str = ""
@@ -79,6 +80,7 @@ class Request:
     next_logits: Optional[torch.Tensor] = None  # [V] float32, set when the prompt is in
     embeds: Optional[torch.Tensor] = None  # [1, T, D] while PREFILLING
     error: Optional[BaseException] = None  # why it failed (phase FINISHED, finish_reason "error")
+    keys: Optional[torch.Tensor] = None  # [T] int64 prompt keys for the prefix cache (None: it is off)
     started: float = field(default_factory=time.perf_counter)
     cancel_requested: threading.Event = field(default_factory=threading.Event)  # set from any thread
 

@@ -93,7 +93,8 @@ class Service:
         # The persistent decode state (KV cache + step buffers) is sized here for every slot.
         engine = Generator.load(checkpoint, device=device, dtype=dtype, prefill_chunk=settings.prefill_chunk,
                                 compile=settings.compile, max_batch=settings.slots, kv_bucket=settings.kv_bucket,
-                                config=config, weight_files=files, quantize=quantize)
+                                config=config, weight_files=files, quantize=quantize,
+                                prefix_cache=settings.prefix_cache)
         phases.done("load" if quantize == "none" else f"load + quantize to {quantize}")
         weight_gb = sum(p.nbytes for p in engine.model.parameters()) / 1e9
         print(f"loaded {engine.variant} from {checkpoint} on {device} as {dtype} "
@@ -168,6 +169,7 @@ class Service:
         finally:
             handle.cancel()  # also when the server stops iterating
         if cancelled.is_set():
+            record("cached_input_token_count", handle.stats.cached_tokens)
             record("output_token_count", handle.stats.new_tokens)
             print(f"cancelled after {handle.stats.new_tokens} tokens "
                   f"({len(''.join(pieces))} characters streamed)", flush=True)
@@ -193,6 +195,7 @@ class Service:
         stats = handle.stats
         if not emitted:  # nothing visible was generated (e.g. eos straight away)
             record("time_to_first_token", time.perf_counter() - started)
+        record("cached_input_token_count", stats.cached_tokens)  # prompt tokens whose KV a parked slot held
         record("output_token_count", stats.new_tokens)
         if stats.tokens_per_second > 0:  # needs two tokens or more
             record("tokens_per_second", stats.tokens_per_second)

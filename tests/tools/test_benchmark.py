@@ -122,7 +122,11 @@ def test_target_rows_run_every_workload(capsys) -> None:
     result = run_json(capsys, [*SMOKE, "--variant", "base", "--new-tokens", "2", "--image", "none", "--target-rows",
                                "--row-new-tokens-scale", "0.02", "--concurrency", "3", "--repeats", "1"])
     rows = {row["key"]: row for row in result["target_rows"]}
-    assert list(rows) == ["decode", "ttft", "e2e_1428", "e2e_demo", "concurrency", "setup", "memory"]
+    assert list(rows) == ["decode", "ttft", "e2e_1428", "e2e_demo", "concurrency", "prefix", "setup", "memory"]
+    prefix = rows["prefix"]["detail"]["eager"]  # the conversation ran without, then with the cache
+    assert [turn["cached_tokens"] for turn in prefix["without"]] == [0, 0, 0]
+    assert all(turn["cached_tokens"] > 0 for turn in prefix["with"][1:])
+    assert rows["prefix"]["values"]["eager"] == max(prefix["turn_ratios"]) and rows["prefix"]["target"] == 0.2
     assert rows["decode"]["target"] == 100.0 and rows["ttft"]["target"] == 0.2 and rows["memory"]["target"] == 80.0
     assert rows["decode"]["values"]["eager"] == result["runs"]["eager"][0]["decode_tokens_per_second"]
     # 1428 prompt tokens (± a filler word), 128 × 0.02 → 2 new tokens.

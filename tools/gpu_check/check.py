@@ -51,7 +51,7 @@ from tools.gpu_check.preflight import BENCHMARK_MODES, rung_from_lines  # noqa: 
 # ../shared beside the checkout; on a GPU machine an ignored copy carried as .shared/
 SHARED = Path(os.environ.get("DSVL2_SHARED_DIR") or (REPO_ROOT.parent / "shared" if (REPO_ROOT.parent / "shared").is_dir()
                                                      else REPO_ROOT / ".shared"))
-VARIANT_ROWS = {"tiny": "decode,ttft,concurrency", "small": "decode,e2e_1428,memory", "base": "decode,ttft,e2e_demo,memory"}
+VARIANT_ROWS = {"tiny": "decode,ttft,concurrency,prefix", "small": "decode,e2e_1428,memory", "base": "decode,ttft,e2e_demo,memory"}
 OFFICIAL_WORKLOADS = {"tiny": "1", "small": "1,2", "base": "1,3"}
 CALLS = {"1": ["preflight", "parity", "speed:tiny", "speed:small", "official:small"],
          "2": ["preflight", "speed:base", "cog"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ROW_KEYS = {"tiny": "decode,ttft,concurrency", "small": "decode,e2e_1428,memory", "base": "decode,ttft,e2e_demo,memory"}
+ROW_KEYS = {"tiny": "decode,ttft,concurrency,prefix", "small": "decode,e2e_1428,memory", "base": "decode,ttft,e2e_demo,memory"}
 
 
 def fmt(value: Any) -> str:
