@@ -204,11 +204,13 @@ class Generator:
 
     def release(self, request: Request) -> None:
         """Give the request's decode-state slot back, if it holds one (its row goes idle); the slot
-        stays parked with the tokens whose KV it really holds (none after a failure)."""
+        stays parked with the tokens whose KV it really holds (after a failure: none, and the slot is zeroed)."""
         if request.slot is not None:
             slot, request.slot = request.slot, None
             self.engine.release(slot)
-            if request.error is None and request.keys is not None:
+            if request.error is not None:  # it may have written NaN/inf entries: nothing of it is kept
+                self.engine.state.cache.clear(slot)
+            elif request.keys is not None:
                 written = torch.cat([request.keys, torch.tensor(request.tokens, dtype=torch.long)])[: request.length]
                 self.prefix_cache.park(slot, written)
 

@@ -66,6 +66,15 @@ class KVCache:
             for _ in range(config.num_hidden_layers)
         ]
 
+    def clear(self, slot: int) -> None:
+        """Zero one slot's entries in every layer.
+
+        Attention masks positions past a request's length with probability 0, and 0 x NaN is NaN:
+        a slot that may hold non-finite entries (its request failed) must be cleared before reuse."""
+        for layer in self.layers:
+            layer.first[slot].zero_()
+            layer.second[slot].zero_()
+
     def nbytes(self) -> int:
         """Memory held by the cache."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.first, layer.second))

@@ -100,9 +100,6 @@ def test_a_request_with_nan_scores_fails_clearly_and_the_next_is_served(poisonab
         scheduler.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the failed request's NaN keys and values stay in its cache slot past "
-                   "the next request's prompt; masked attention multiplies them by 0 (NaN), so the next "
-                   "request in that slot decodes from NaN scores until the slot's cache is cleared on failure")
 def test_the_next_request_in_the_failed_slot_gets_its_own_tokens(poisonable: Generator) -> None:
     scheduler = BatchScheduler(poisonable, max_batch=2, max_len=1024)
     try:
