@@ -14,7 +14,7 @@
 # distributions the venv lacks, into a fresh private target). Then `tools/gpu_check/gpu_check.sh OUTDIR
 # --dry-run` runs end to end; the script fails unless it exits 0 and every stage reported figures.
 set -uo pipefail
-cd "$(dirname "$0")/.." || exit 2
+cd "$(dirname "$0")/../.." || exit 2
 out="${1:-/tmp/gpu-rehearsal}"; shift || true
 env_dir="${GPU_ENV:-/work/envs/gpu312}"
 python312="${PYTHON312:-$HOME/.pyenv/versions/3.12.1/bin/python3.12}"
