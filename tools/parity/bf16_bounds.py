@@ -37,7 +37,9 @@ class GateRecord:
 @dataclass
 class Bf16Runs:
     """Logits [T, V] (float64, CPU) of the four runs of one prompt and their first-MoE-layer gates
-    (None for a model without MoE layers)."""
+    (None for a model without MoE layers). The logits' rows are positions ``first_position`` on of
+    the sequence the routings [first_position + T or more, k] cover: a run that reused cached KV
+    computed logits only after it, and a flip in the reused part reaches every row."""
 
     f32: torch.Tensor
     f64: torch.Tensor
@@ -48,6 +50,7 @@ class Bf16Runs:
     gate_free: Optional[GateRecord]
     routing_f32: list[torch.Tensor]
     routing_free: list[torch.Tensor]
+    first_position: int = 0
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -99,10 +102,12 @@ def bf16_figures(runs: Bf16Runs) -> dict[str, Any]:
     float32_sq = (runs.f32 - reference).pow(2).sum(-1)  # [T] each position's squared float32 error
     held_sq = (runs.held - reference).pow(2).sum(-1)
     free_sq = (runs.free - reference).pow(2).sum(-1)
-    flipped = torch.zeros(reference.shape[0], dtype=torch.bool)
+    end = runs.first_position + reference.shape[0]
+    flipped = torch.zeros(end, dtype=torch.bool)
     for ours, theirs in zip(runs.routing_f32, runs.routing_free):
-        flipped |= _changed(ours.cpu(), theirs.cpu())
-    prefix = int(flipped.nonzero()[0, 0]) if flipped.any() else reference.shape[0]
+        flipped |= _changed(ours[:end].cpu(), theirs[:end].cpu())
+    first_flip = int(flipped.nonzero()[0, 0]) if flipped.any() else end
+    prefix = max(0, first_flip - runs.first_position)
     figures: dict[str, Any] = dict(
         positions=reference.shape[0],
         logit_rms=_rms(reference).item(),
@@ -118,7 +123,7 @@ def bf16_figures(runs: Bf16Runs) -> dict[str, Any]:
         free_max_abs=(runs.free - reference).abs().max().item(),
         free_top1_agreement=(runs.free.argmax(-1) == runs.f32.argmax(-1)).double().mean().item(),
         held_top1_agreement=(runs.held.argmax(-1) == runs.f32.argmax(-1)).double().mean().item(),
-        positions_with_a_flip=int(flipped.sum()),
+        positions_with_a_flip=int(flipped[runs.first_position:].sum()),
     )
     if runs.gate_f32 is not None:
         score_error = (runs.gate_f32.scores - runs.gate_f64.scores).abs().max().item()
