@@ -18,7 +18,8 @@ from deepseek_vl2.engine.sampling import SamplingParams
 from deepseek_vl2.model.checkpoint import load_model
 from tools.parity.bf16_bounds import bf16_figures, bf16_problems
 from tools.parity.bf16_check import ReferenceRuns, perturb_by_float32_rounding, reference_runs
-from tools.parity.bf16_prefix_cache import CachedRun, Conversation, cached_bf16_runs, compared_rows, converse, run_cached
+from tools.parity.bf16_prefix_cache import (CachedRun, Conversation, cached_bf16_runs, compared_rows, converse,
+                                            run_cached)
 from tools.parity.prefix_cache_bugs import embeds_shifted_by_one
 from tools.parity.reference_data import case_names, checkpoint_dir, config_names, load_case_inputs, requires_reference
 

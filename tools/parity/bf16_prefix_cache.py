@@ -151,15 +151,6 @@ class CachedRun:
     routing: PositionRouting
 
 
-def _run_turns(generator: Generator, first: ProcessedInputs, second: ProcessedInputs,
-               params: SamplingParams, routing: PositionRouting) -> CachedRun:
-    generator.prefix_cache.clear()
-    with routing, BatchScheduler(generator) as scheduler:
-        scheduler.run(first, params)
-        done = scheduler.run(second, params, record_logits=True)
-    return CachedRun(done.stats.cached_tokens, done.stats.prompt_tokens, list(done.tokens), done.step_logits, routing)
-
-
 def converse(generator: Generator, first_prompt: str, images: Sequence[Image.Image], second_prompt: str,
              params: SamplingParams) -> Conversation:
     """Run the first turn, then the second after it and its answer, both with the prefix cache, the
@@ -183,7 +174,11 @@ def run_cached(generator: Generator, conversation: Conversation, params: Samplin
     if generator.engine.state.slots != 1:
         raise ValueError("the run is recorded by position: load the generator with max_batch=1")
     routing = PositionRouting(generator.model, forced)
-    return _run_turns(generator, conversation.first, conversation.second, params, routing)
+    generator.prefix_cache.clear()
+    with routing, BatchScheduler(generator) as scheduler:
+        scheduler.run(conversation.first, params)
+        done = scheduler.run(conversation.second, params, record_logits=True)
+    return CachedRun(done.stats.cached_tokens, done.stats.prompt_tokens, list(done.tokens), done.step_logits, routing)
 
 
 def compared_rows(run: CachedRun, conversation: Conversation) -> slice:

@@ -4,9 +4,8 @@ injects it into a :class:`~deepseek_vl2.engine.generation.Generator`
 
 It leaves a request that reuses nothing as it is: only the part computed after reused KV is wrong.
 (KV reused one position too far — one stale entry among the ~440 a turn after an image attends
-to — moves turn 2's logits by about bf16's own rounding: 0.68–1.05 of the allowance on the tiny
-checkpoint, docs/correctness.md; the float32 test of tests/engine/test_prefix_cache.py is the one
-that sees it.)
+to — adds about bf16's own rounding and is caught in only some conversations, docs/correctness.md:
+a float32 comparison sees it.)
 """
 from __future__ import annotations
 
