@@ -221,7 +221,7 @@ class BatchScheduler:
                 plan = schedule(self._waiting, self._prefilling, self._decoding, free, self.max_batch)
             for handle in plan.admit:
                 self._guarded("admission", [handle], lambda h=handle: self._admit(h))
-            if plan.prefill is not None:
+            if plan.prefill is not None and plan.prefill in self._prefilling:  # its admission may have failed
                 self._guarded("prefill", [plan.prefill], lambda: self._prefill(plan.prefill))
             if plan.decode:
                 self._guarded("decode", plan.decode, lambda: self._decode(list(plan.decode)))
