@@ -125,8 +125,6 @@ class BatchScheduler:
         request = self.generator.new_request(inputs, params, limit=self.max_len, record_logits=record_logits)
         handle = RequestHandle(request, self.fault)
         with self._wake:
-            if self._stopping:
-                raise EngineStoppedError("the engine is closed; it takes no more requests")
             if len(self._waiting) >= self.max_waiting:
                 raise CapacityError(f"the server is at capacity ({self.max_waiting} requests waiting); retry shortly")
             self._waiting.append(handle)
