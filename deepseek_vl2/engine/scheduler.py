@@ -223,7 +223,7 @@ class BatchScheduler:
                 self._guarded("prefill", [plan.prefill], lambda: self._prefill(plan.prefill))
             if plan.decode:
                 self._guarded("decode", plan.decode, lambda: self._decode(list(plan.decode)))
-            if not (plan.admit or plan.prefill or plan.decode) and free == 0:  # requests wait, nobody runs
+            if self._waiting and free == 0 and not (plan.admit or plan.prefill or plan.decode):  # nobody can run
                 raise EngineStoppedError("no decode-state slot is free and no request holds one: the slots were lost")
         except EngineStoppedError:
             raise
@@ -277,8 +277,7 @@ class BatchScheduler:
         for group in (self._waiting, self._prefilling, self._decoding):
             if handle in group:
                 group.remove(handle)
-        if not handle.request.finished:
-            handle.request.finish("error", error)
+        handle.request.finish("error", error)
         self._retire(handle)
 
     def _emit(self, handle: RequestHandle, piece: str) -> None:

@@ -313,3 +313,22 @@ def test_submit_after_close_raises(generator: Generator) -> None:
     scheduler.close()
     with pytest.raises(EngineStoppedError, match="closed"):
         scheduler.submit(generator.prepare("Hi", []), SamplingParams(temperature=0.0, max_new_tokens=2))
+
+
+def test_every_slot_lost_stops_the_loop_with_a_message(generator: Generator, monkeypatch) -> None:
+    """Giving slots back always fails on a one-slot scheduler: the first request ends with that
+    error, the next cannot ever get a slot, so it fails saying the slots were lost (no spin, no hang)."""
+    monkeypatch.setattr(generator, "release", lambda r: _raise("retire"))
+    scheduler = BatchScheduler(generator, max_batch=1, max_len=1024)
+    params = SamplingParams(temperature=0.0, max_new_tokens=2)
+    try:
+        handles = [scheduler.submit(generator.prepare("Hi", []), params) for _ in range(2)]
+        results: list[object] = [None, None]
+        _consume(handles, results, timeout=30)
+        assert isinstance(results[0], InjectedFault), results
+        assert isinstance(results[1], EngineStoppedError) and "slots were lost" in str(results[1]), results
+        assert not scheduler.healthy
+    finally:
+        scheduler.close()
+        monkeypatch.undo()
+        _give_back_lost_slots(generator)
