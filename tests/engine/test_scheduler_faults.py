@@ -246,10 +246,17 @@ class _Fatal(BaseException):
 def test_a_loop_that_cannot_go_on_says_so(generator: Generator, monkeypatch) -> None:
     """A BaseException in a decode step ends the loop: the running requests fail saying the engine
     stopped, new ones are refused at once, and the scheduler reports itself unhealthy."""
-    monkeypatch.setattr(generator.engine, "step", lambda *a, **k: (_ for _ in ()).throw(_Fatal("device lost")))
+    submitted = threading.Event()
+
+    def lost(*args, **kwargs):
+        submitted.wait(timeout=30)  # all three are in before the loop ends
+        raise _Fatal("device lost")
+
+    monkeypatch.setattr(generator.engine, "step", lost)
     scheduler = BatchScheduler(generator, max_batch=2, max_len=1024)
     try:
         handles = [scheduler.submit(generator.prepare(p, []), q) for p, q in zip(PROMPTS, _params())]
+        submitted.set()
         results: list[object] = [None] * 3
         _consume(handles, results, timeout=30)
         assert all(isinstance(r, EngineStoppedError) and "device lost" in str(r) for r in results), results
@@ -316,17 +323,19 @@ def test_submit_after_close_raises(generator: Generator) -> None:
 
 
 def test_every_slot_lost_stops_the_loop_with_a_message(generator: Generator, monkeypatch) -> None:
-    """Giving slots back always fails on a one-slot scheduler: the first request ends with that
-    error, the next cannot ever get a slot, so it fails saying the slots were lost (no spin, no hang)."""
+    """Giving slots back always fails; requests run one at a time: each of the first ``slots``
+    requests ends with that error and loses its slot, the one after cannot ever get a slot, so it
+    fails saying the slots were lost (no spin, no hang)."""
     monkeypatch.setattr(generator, "release", lambda r: _raise("retire"))
     scheduler = BatchScheduler(generator, max_batch=1, max_len=1024)
     params = SamplingParams(temperature=0.0, max_new_tokens=2)
+    slots = generator.engine.slots
     try:
-        handles = [scheduler.submit(generator.prepare("Hi", []), params) for _ in range(2)]
-        results: list[object] = [None, None]
+        handles = [scheduler.submit(generator.prepare("Hi", []), params) for _ in range(slots + 1)]
+        results: list[object] = [None] * (slots + 1)
         _consume(handles, results, timeout=30)
-        assert isinstance(results[0], InjectedFault), results
-        assert isinstance(results[1], EngineStoppedError) and "slots were lost" in str(results[1]), results
+        assert all(isinstance(r, InjectedFault) for r in results[:slots]), results
+        assert isinstance(results[slots], EngineStoppedError) and "slots were lost" in str(results[slots]), results
         assert not scheduler.healthy
     finally:
         scheduler.close()
