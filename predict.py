@@ -37,6 +37,10 @@ class Predictor(BaseRunner):
         """Find or download the checkpoint, check GPU memory, load it, warm it up."""
         self.service = Service.start(weights)
 
+    def healthcheck(self) -> bool:
+        """Cog's health check: False (UNHEALTHY) once the engine cannot serve predictions."""
+        return self.service.healthy()
+
     @cog.streaming
     @cog.concurrent(max=8)
     async def run(

@@ -22,11 +22,17 @@ COMPILE_ENV = "DSVL2_COMPILE"
 WARMUP_SECONDS_ENV = "DSVL2_WARMUP_SECONDS"
 STREAMING_ENV = "DSVL2_STREAMING"
 PREFIX_CACHE_ENV = "DSVL2_PREFIX_CACHE"
+STEP_TIMEOUT_ENV = "DSVL2_STEP_TIMEOUT_SECONDS"
 
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill step: a long prompt delays others by one chunk a turn
 DEFAULT_KV_BUCKET = 256  # decode steps attend over the cache rounded up to a multiple of this
 DEFAULT_MAX_WAITING = 64  # requests queued beyond the slots before submit() refuses (CapacityError)
 DEFAULT_WARMUP_SECONDS = 300.0
+# One scheduler step (a prompt chunk, a decode step) may run this long before its requests fail.
+# It must exceed the slowest legitimate step: a decode bucket compiled on first use (a cold
+# compile of the 30-layer model is about 75 s of one CPU core, docs/benchmark.md) or a 512-token
+# prompt chunk of the largest model on the CPU; 600 s is several times either.
+DEFAULT_STEP_TIMEOUT_SECONDS = 600.0
 StreamingMode = Literal["auto", "collect"]
 STREAMING_MODES: tuple[StreamingMode, ...] = ("auto", "collect")
 
@@ -52,6 +58,8 @@ class EngineConfig:
         turns "auto" into the format that fits (deepseek_vl2/weights/sizing.py).
     prefix_cache: finished requests' slots stay parked with their tokens and a request beginning
         with them reuses that KV (``DSVL2_PREFIX_CACHE`` 1/0; engine/prefix_cache.py).
+    step_timeout_seconds: seconds one scheduler step may run before its requests fail and the
+        server reports itself unhealthy (``DSVL2_STEP_TIMEOUT_SECONDS``).
     """
 
     slots: int = 1
@@ -63,6 +71,7 @@ class EngineConfig:
     max_waiting: int = DEFAULT_MAX_WAITING
     quantize: str = "auto"
     prefix_cache: bool = True
+    step_timeout_seconds: float = DEFAULT_STEP_TIMEOUT_SECONDS
 
     def __post_init__(self) -> None:
         for name in ("slots", "prefill_chunk", "kv_bucket"):
@@ -79,6 +88,10 @@ class EngineConfig:
             raise ConfigError(f"warmup_seconds must be a finite number >= 0, got {seconds!r}")
         if self.prefix_cache not in (True, False):
             raise ConfigError(f"prefix_cache must be True or False, got {self.prefix_cache!r}")
+        timeout = self.step_timeout_seconds
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+                or timeout <= 0:
+            raise ConfigError(f"step_timeout_seconds must be a finite number > 0, got {timeout!r}")
         if self.streaming not in STREAMING_MODES:
             raise ConfigError(f"streaming must be one of {', '.join(STREAMING_MODES)}, got {self.streaming!r}")
         if self.quantize not in QUANTIZE_SETTINGS:
@@ -101,6 +114,9 @@ class EngineConfig:
         if raw := _read(environ, WARMUP_SECONDS_ENV):
             values["warmup_seconds"] = _parse(WARMUP_SECONDS_ENV, raw, float, "a number of seconds >= 0",
                                               lambda s: math.isfinite(s) and s >= 0)
+        if raw := _read(environ, STEP_TIMEOUT_ENV):
+            values["step_timeout_seconds"] = _parse(STEP_TIMEOUT_ENV, raw, float, "a number of seconds > 0",
+                                                    lambda s: math.isfinite(s) and s > 0)
         if raw := _read(environ, STREAMING_ENV):
             mode = raw.lower()
             if mode not in STREAMING_MODES:

@@ -2,15 +2,21 @@
 
 The handle carries no generation state (that is the :class:`~.request.Request` it points to):
 only the queue its text pieces travel through, from the scheduler's thread to one consumer.
+No wait is unbounded: a consumer waits at most ``POLL_SECONDS`` at a time and then asks the
+scheduler's ``fault`` check; a fault (the loop stopped, or a step stuck beyond its limit) ends the
+iteration with that error and cancels the request.
 """
 from __future__ import annotations
 
 import asyncio
 import queue
 import threading
-from typing import AsyncIterator, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 from .request import GenerationStats, Request
+
+POLL_SECONDS = 1.0  # how long a consumer waits for text before it checks the scheduler's health
+FaultCheck = Callable[[], Optional[BaseException]]
 
 
 class _End:
@@ -28,8 +34,9 @@ class RequestHandle:
     ``asyncio.Queue`` fed with ``call_soon_threadsafe``, so no executor thread waits per request.
     """
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, fault: FaultCheck = lambda: None) -> None:
         self.request = request
+        self._fault = fault
         self._events: "queue.Queue[object]" = queue.Queue()
         self._lock = threading.Lock()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -70,8 +77,21 @@ class RequestHandle:
             return True
         return False
 
+    def _check_fault(self) -> None:
+        """Raise the scheduler's fault, if it has one, after asking for the request to stop."""
+        if (error := self._fault()) is not None:
+            self.cancel()
+            raise error
+
     def __iter__(self) -> Iterator[str]:
-        while not self._is_end(item := self._events.get()):
+        while True:
+            try:
+                item = self._events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                self._check_fault()
+                continue
+            if self._is_end(item):
+                return
             yield item  # type: ignore[misc]
 
     async def __aiter__(self) -> AsyncIterator[str]:
@@ -80,5 +100,19 @@ class RequestHandle:
             self._async_events = asyncio.Queue()
             while not self._events.empty():
                 self._async_events.put_nowait(self._events.get_nowait())
-        while not self._is_end(item := await self._async_events.get()):
-            yield item  # type: ignore[misc]
+        events = self._async_events
+        getter: Optional[asyncio.Future] = None
+        try:
+            while True:
+                getter = getter or asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter}, timeout=POLL_SECONDS)
+                if not done:
+                    self._check_fault()
+                    continue
+                item, getter = getter.result(), None
+                if self._is_end(item):
+                    return
+                yield item  # type: ignore[misc]
+        finally:
+            if getter is not None:
+                getter.cancel()

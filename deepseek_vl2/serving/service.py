@@ -43,10 +43,16 @@ Record = Callable[[str, Any], None]  # record_metric(name, value)
 
 
 class _PrintHandler(logging.Handler):
-    """Engine log records as plain lines on the current stdout (Cog routes it per prediction)."""
+    """Engine log records as plain lines on the current stdout (Cog routes it per prediction).
+
+    A line that cannot be written (a closed or broken stdout) is reported by logging's
+    ``handleError`` and dropped: logging never raises into the engine."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stdout, flush=True)
+        try:
+            print(self.format(record), file=sys.stdout, flush=True)
+        except Exception:  # noqa: BLE001 - the logging contract: emit does not raise
+            self.handleError(record)
 
 
 def _show_engine_logs() -> None:
@@ -61,7 +67,8 @@ class Service:
 
     def __init__(self, engine: Generator, settings: EngineConfig) -> None:
         self.engine = engine
-        self.scheduler = BatchScheduler(engine, max_batch=settings.slots, max_waiting=settings.max_waiting)
+        self.scheduler = BatchScheduler(engine, max_batch=settings.slots, max_waiting=settings.max_waiting,
+                                        step_timeout=settings.step_timeout_seconds)
         self.streaming, mode = coglet_bridge.install(settings.streaming)
         print(f"serving up to {settings.slots} prediction(s) at once in one batch "
               f"({self.scheduler.cache.nbytes() / 2**20:.0f} MiB KV cache); {mode}", flush=True)
@@ -112,6 +119,14 @@ class Service:
         return service
 
     # ------------------------------------------------------------------------- predictions
+    def healthy(self) -> bool:
+        """False once the engine cannot serve (its loop stopped, or a step is stuck beyond its limit);
+        the reason is printed. Cog's health check asks this (predict.py ``healthcheck``)."""
+        fault = self.scheduler.fault()
+        if fault is not None:
+            print(f"unhealthy: {fault}", flush=True)
+        return fault is None
+
     async def answer(self, request: PredictRequest, record: Record) -> Iterator[str]:
         """Run one prediction beside the others; returns its text pieces (see the module doc)."""
         started = time.perf_counter()
@@ -126,6 +141,8 @@ class Service:
 
         if hooks is not None:
             hooks.append(on_cancel)
+        if (fault := self.scheduler.fault()) is not None:  # fail at once, before any input work
+            raise fault
         try:
             # Decoding and tiling images is CPU work: keep it off the shared event loop.
             images, prepared = await asyncio.to_thread(self._prepare, request, record)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deepseek_vl2.engine.config import (COMPILE_ENV, SLOTS_ENV, STREAMING_ENV, WARMUP_SECONDS_ENV, ConfigError,
-                                        EngineConfig)
+from deepseek_vl2.engine.config import (COMPILE_ENV, SLOTS_ENV, STEP_TIMEOUT_ENV, STREAMING_ENV, WARMUP_SECONDS_ENV,
+                                        ConfigError, EngineConfig)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,6 +18,7 @@ def test_defaults_when_nothing_is_set() -> None:
     assert config == EngineConfig()
     assert (config.slots, config.compile, config.warmup_seconds, config.streaming) == (1, None, 300.0, "auto")
     assert (config.prefill_chunk, config.kv_bucket, config.max_waiting) == (512, 256, 64)
+    assert config.step_timeout_seconds == 600.0
     assert EngineConfig.from_environment({SLOTS_ENV: "", COMPILE_ENV: " "}) == EngineConfig()
 
 
@@ -25,6 +26,7 @@ def test_values_are_read() -> None:
     config = EngineConfig.from_environment({SLOTS_ENV: "8", COMPILE_ENV: "0", WARMUP_SECONDS_ENV: "12.5",
                                             STREAMING_ENV: " Collect "})
     assert (config.slots, config.compile, config.warmup_seconds, config.streaming) == (8, False, 12.5, "collect")
+    assert EngineConfig.from_environment({STEP_TIMEOUT_ENV: "90"}).step_timeout_seconds == 90.0
 
 
 def test_compile_switch() -> None:
@@ -45,6 +47,9 @@ def test_compile_switch() -> None:
     (WARMUP_SECONDS_ENV, "-1", "a number of seconds >= 0"),
     (WARMUP_SECONDS_ENV, "nan", "a number of seconds >= 0"),
     (STREAMING_ENV, "stream", "auto or collect"),
+    (STEP_TIMEOUT_ENV, "0", "a number of seconds > 0"),
+    (STEP_TIMEOUT_ENV, "inf", "a number of seconds > 0"),
+    (STEP_TIMEOUT_ENV, "later", "a number of seconds > 0"),
 ])
 def test_invalid_values_name_the_variable_and_the_allowed_values(name: str, value: str, allowed: str) -> None:
     with pytest.raises(ConfigError) as raised:
@@ -55,7 +60,7 @@ def test_invalid_values_name_the_variable_and_the_allowed_values(name: str, valu
 
 @pytest.mark.parametrize("values", [dict(slots=0), dict(prefill_chunk=0), dict(kv_bucket=True), dict(compile="1"),
                                     dict(warmup_seconds=float("inf")), dict(streaming="stream"),
-                                    dict(max_waiting=-1)])
+                                    dict(max_waiting=-1), dict(step_timeout_seconds=0)])
 def test_direct_construction_is_checked_too(values: dict) -> None:
     with pytest.raises(ConfigError, match=next(iter(values))):
         EngineConfig(**values)

@@ -1,1 +1,1 @@
-"""Helpers for tests and the soak: Cog's real server, the soak, forged images."""
+"""Helpers for tests and the storm: Cog's real server, forged images, a predictor whose engine stops."""
