@@ -8,9 +8,9 @@ import torch
 
 from deepseek_vl2.model.checkpoint import build_on_meta, load_model
 from deepseek_vl2.model.config import LanguageConfig, config_from_dict
-from deepseek_vl2.model.moe import MoE, StackedExperts
-from deepseek_vl2.model.quantization import (QuantizedLinear, expert_parameters, quantize_experts, quantize_rows,
-                                             weight_bytes)
+from deepseek_vl2.model.moe import MoE, StackedExperts, quantize_experts
+from deepseek_vl2.model.quantization import QuantizedLinear, quantize_rows
+from deepseek_vl2.weights.memory_plan import weight_bytes
 from deepseek_vl2.weights.sizing import VARIANT_EXPERTS
 from deepseek_vl2.weights.variants import VARIANTS
 from tools.checkpoints import make_checkpoint
@@ -122,7 +122,7 @@ def test_loaded_8bit_model_holds_the_bytes_the_sizing_rule_counts(variant: str, 
     for fmt in ("none", *FORMATS):
         model = load_model(path, device="cpu", dtype=torch.bfloat16, quantize=fmt)
         n_params = sum(p.numel() for p in build_on_meta(model.config).parameters())
-        experts, channels = expert_parameters(model.config.language)
+        experts, channels = model.config.language.expert_parameters()
         loaded = sum(p.nbytes for p in model.parameters())
         assert loaded == weight_bytes(n_params, experts, channels, fmt, bytes_per_param=2), fmt
         if fmt != "none":
@@ -134,7 +134,7 @@ def test_loaded_8bit_model_holds_the_bytes_the_sizing_rule_counts(variant: str, 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_expert_counts_are_those_of_the_published_shapes(variant: str) -> None:
     config = config_from_dict(random_config_json(variant, "real", dtype=torch.bfloat16))
-    assert VARIANT_EXPERTS[variant] == expert_parameters(config.language)
+    assert VARIANT_EXPERTS[variant] == config.language.expert_parameters()
 
 
 def test_8bit_loading_gives_logits_close_to_float32(tmp_path_factory) -> None:
@@ -155,8 +155,10 @@ def test_quantize_setting_is_read_once_and_checked() -> None:
     from deepseek_vl2.engine.config import ConfigError, EngineConfig
     assert EngineConfig.from_environment({}).quantize == "auto"
     assert EngineConfig.from_environment({"DSVL2_QUANTIZE": " FP8 "}).quantize == "fp8"
-    with pytest.raises(ConfigError, match="DSVL2_QUANTIZE must be one of auto, none, int8, fp8, got 'int4'"):
+    with pytest.raises(ConfigError, match=r"DSVL2_QUANTIZE \(quantize\) must be one of auto, none, int8, fp8, got 'int4'"):
         EngineConfig.from_environment({"DSVL2_QUANTIZE": "int4"})
+    with pytest.raises(ConfigError, match=r"DSVL2_QUANTIZE \(quantize\) must be one of .*, got 'int4'"):
+        EngineConfig(quantize="int4")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
