@@ -155,7 +155,7 @@ def test_each_call_fits_its_time_limit() -> None:
 
 
 @pytest.mark.parametrize("module", ["tools.gpu_check.check", "tools.gpu_check.cog_stage", "tools.benchmark",
-                                    "tools.parity.measure_bf16_drift"])
+                                    "tools.parity.measure_drift"])
 def test_scripts_import_without_pytest_or_pygments(module: str) -> None:
     """The GPU machine has no pytest (nor pygments, which pytest imports): every script of the check
     but the parity tests must import without them (reference_data imports pytest lazily)."""
