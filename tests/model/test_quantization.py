@@ -76,6 +76,7 @@ def test_every_path_with_8bit_experts_equals_the_dequantized_float_experts(fmt: 
             torch.testing.assert_close(path(x, ids), reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_compiled_8bit_decode_dequantizes_inside_the_reduction(fmt: str, tokens: int) -> None:
@@ -96,6 +97,7 @@ def test_compiled_8bit_decode_dequantizes_inside_the_reduction(fmt: str, tokens:
     assert largest < gathered // 4, f"a buffer of {largest} elements: the chosen weights were copied"
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_8bit_moe_layer_eager_equals_compiled(fmt: str) -> None:
     moe = _quantized_moe(fmt, 2, 0.2, hidden_size=32, moe_intermediate_size=16, n_routed_experts=8,
@@ -161,6 +163,7 @@ def test_quantize_setting_is_read_once_and_checked() -> None:
         EngineConfig(quantize="int4")
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_compiled_decode_step_with_8bit_experts_equals_eager(fmt: str, tmp_path_factory) -> None:
     """The engine's compiled decode step (engine/decode.py) runs the 8-bit fused path; its greedy
