@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tools.checkpoints import make_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
