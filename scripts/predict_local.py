@@ -25,7 +25,7 @@ import predict  # noqa: E402
 from cog import Path as CogPath  # noqa: E402
 from deepseek_vl2.serving import coglet_bridge  # noqa: E402
 from deepseek_vl2.serving.inputs import IMAGE_INPUTS  # noqa: E402
-from deepseek_vl2.weights.sizing import QUANTIZE_ENV, QUANTIZE_SETTINGS  # noqa: E402
+from deepseek_vl2.model.quantization import QUANTIZE_ENV, QUANTIZE_SETTINGS  # noqa: E402
 
 # Command-line options for the run() inputs that are not files or the prompt: name -> type.
 OPTIONS = {"system_prompt": str, "temperature": float, "top_p": float, "top_k": int,
@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--image", action="append", default=[], help="image file; repeat for up to 4 (none: a text-only question)")
     parser.add_argument("--messages", help="earlier turns as a JSON array (the messages input)")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--quantize", choices=QUANTIZE_SETTINGS,
-                        help=f"expert weight format (default: {QUANTIZE_ENV}, else auto)")
+    parser.add_argument("--quantize", help=f"expert weight format: {', '.join(QUANTIZE_SETTINGS)} "
+                                           f"(default: {QUANTIZE_ENV}, else auto; checked at setup)")
     for name, kind in OPTIONS.items():
         default = predict.DECLARED.defaults.get(name)
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,

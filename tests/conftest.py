@@ -7,6 +7,7 @@ slots, cache sizes) never reaches another module.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +45,17 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str
         return written[variant]
 
     return folder
+
+
+@pytest.fixture(autouse=True)
+def package_logger_as_found() -> Iterator[None]:
+    """``Service.start`` prints the engine's log records on stdout (for Cog's log); after a test
+    that starts one, no later test finds those lines in the stdout it reads."""
+    logger = logging.getLogger("deepseek_vl2")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="module", params=VARIANTS)

@@ -49,7 +49,7 @@ from deepseek_vl2.engine.scheduler import BatchScheduler  # noqa: E402
 from deepseek_vl2.inputs.processor import DeepseekVL2Processor, ProcessedInputs  # noqa: E402
 from deepseek_vl2.model.checkpoint import load_model, weight_files  # noqa: E402
 from deepseek_vl2.model.multimodal import DeepseekVL2  # noqa: E402
-from deepseek_vl2.model.quantization import quantize_experts  # noqa: E402
+from deepseek_vl2.model.moe import quantize_experts  # noqa: E402
 from tools.bench_conversation import prefix_cache_figures  # noqa: E402
 from tools.bench_figures import (  # noqa: E402
     Report, activated_parameters, kv_cache_bytes_per_position, memory_check, peak_bandwidth_gbs, peak_memory_bytes,

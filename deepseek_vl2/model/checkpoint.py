@@ -23,7 +23,8 @@ from safetensors import safe_open
 
 from .config import DeepseekVL2Config, load_config
 from .multimodal import DeepseekVL2
-from .quantization import SCALE_SUFFIX, quantize_experts, quantize_rows
+from .moe import quantize_experts
+from .quantization import SCALE_SUFFIX, quantize_rows
 from .vision import build_vision_tower
 
 UNUSED_KEY_PREFIXES = ("vision.attn_pool.",)

@@ -167,6 +167,15 @@ class LanguageConfig:
         """Whether decoder layer ``index`` uses the MoE block rather than the dense MLP."""
         return bool(self.n_routed_experts) and index >= self.first_k_dense_replace and index % self.moe_layer_freq == 0
 
+    def expert_parameters(self) -> tuple[int, int]:
+        """(parameters, output channels) of all routed and shared experts of the decoder."""
+        layers = sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+        d, i = self.hidden_size, self.moe_intermediate_size
+        shared = i * (self.n_shared_experts or 0)
+        per_layer_params = (self.n_routed_experts or 0) * 3 * d * i + 3 * d * shared
+        per_layer_channels = (self.n_routed_experts or 0) * (2 * i + d) + (2 * shared + d if shared else 0)
+        return layers * per_layer_params, layers * per_layer_channels
+
 
 @dataclass
 class DeepseekVL2Config:

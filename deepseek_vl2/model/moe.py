@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
-from .quantization import project
+from .quantization import FORMATS, SCALE_SUFFIX, QuantizedLinear, check_format, project, quantize_rows
 
 
 class MLP(nn.Module):
@@ -224,3 +224,38 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(flat)
         return routed.view(shape)
+
+
+@torch.no_grad()
+def quantize_experts(model: nn.Module, fmt: str) -> nn.Module:
+    """Store every MoE layer's routed and shared experts in 8 bits, in place; returns ``model``.
+
+    Routed experts get 8-bit ``gate_up``/``down`` plus ``gate_up_scale`` [E, 2I] and
+    ``down_scale`` [E, D]; the shared experts' three linears become :class:`QuantizedLinear`.
+    On a model built on the meta device this only sets the shapes and dtypes (the loader then
+    fills them with :func:`quantize_rows` as it reads the bf16 checkpoint); on a loaded model it
+    quantizes one expert at a time, so the extra memory is one expert's float32 copy.
+    """
+    dtype = FORMATS[check_format(fmt)][0]
+    for module in model.modules():
+        if not isinstance(module, MoE):
+            continue
+        experts = module.experts
+        for name in ("gate_up", "down"):
+            weight = getattr(experts, name)  # [E, out, in]
+            values = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+            scales = torch.empty(weight.shape[:2], device=weight.device)
+            if weight.device.type != "meta":
+                for e in range(weight.shape[0]):
+                    values[e], scales[e] = quantize_rows(weight[e], fmt)
+            setattr(experts, name, nn.Parameter(values, requires_grad=False))
+            setattr(experts, name + SCALE_SUFFIX, nn.Parameter(scales, requires_grad=False))
+        if module.shared_experts is not None:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                linear = getattr(module.shared_experts, name)
+                with torch.device(linear.weight.device):
+                    quantized = QuantizedLinear(linear.in_features, linear.out_features, fmt)
+                if linear.weight.device.type != "meta":
+                    quantized.weight.data, quantized.weight_scale.data = quantize_rows(linear.weight, fmt)
+                setattr(module.shared_experts, name, quantized)
+    return model

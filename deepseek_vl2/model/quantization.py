@@ -6,7 +6,8 @@ max / 448, its largest finite value). Activations stay in the model dtype; the 8
 widened inside the expert matmuls and the scale multiplies each output channel after the sum.
 
 The official checkpoints are bf16: :func:`quantize_rows` runs at load time on each expert
-tensor as it is read (deepseek_vl2/model/checkpoint.py), so no 8-bit file format exists and no
+tensor as it is read (deepseek_vl2/model/checkpoint.py; the MoE layers' experts are swapped for
+8-bit ones by :func:`~.moe.quantize_experts`), so no 8-bit file format exists and no
 full-precision copy of the experts is ever held. Gate, norms, embeddings, attention, the vision
 tower and the projector stay in the model dtype.
 """
@@ -17,8 +18,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .config import LanguageConfig
 
 # Format name → storage dtype and the largest magnitude it holds.
 FORMATS: dict[str, tuple[torch.dtype, float]] = {
@@ -69,60 +68,3 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] → [..., out]."""
         return project(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale).view(*x.shape[:-1], -1)
-
-
-@torch.no_grad()
-def quantize_experts(model: nn.Module, fmt: str) -> nn.Module:
-    """Store every MoE layer's routed and shared experts in 8 bits, in place; returns ``model``.
-
-    Routed experts get 8-bit ``gate_up``/``down`` plus ``gate_up_scale`` [E, 2I] and
-    ``down_scale`` [E, D]; the shared experts' three linears become :class:`QuantizedLinear`.
-    On a model built on the meta device this only sets the shapes and dtypes (the loader then
-    fills them with :func:`quantize_rows` as it reads the bf16 checkpoint); on a loaded model it
-    quantizes one expert at a time, so the extra memory is one expert's float32 copy.
-    """
-    from .moe import MoE  # moe imports project() from here
-
-    dtype = FORMATS[check_format(fmt)][0]
-    for module in model.modules():
-        if not isinstance(module, MoE):
-            continue
-        experts = module.experts
-        for name in ("gate_up", "down"):
-            weight = getattr(experts, name)  # [E, out, in]
-            values = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-            scales = torch.empty(weight.shape[:2], device=weight.device)
-            if weight.device.type != "meta":
-                for e in range(weight.shape[0]):
-                    values[e], scales[e] = quantize_rows(weight[e], fmt)
-            setattr(experts, name, nn.Parameter(values, requires_grad=False))
-            setattr(experts, name + SCALE_SUFFIX, nn.Parameter(scales, requires_grad=False))
-        if module.shared_experts is not None:
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                linear = getattr(module.shared_experts, name)
-                with torch.device(linear.weight.device):
-                    quantized = QuantizedLinear(linear.in_features, linear.out_features, fmt)
-                if linear.weight.device.type != "meta":
-                    quantized.weight.data, quantized.weight_scale.data = quantize_rows(linear.weight, fmt)
-                setattr(module.shared_experts, name, quantized)
-    return model
-
-
-def expert_parameters(config: LanguageConfig) -> tuple[int, int]:
-    """(parameters, output channels) of all routed and shared experts a language config holds."""
-    layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-    d, i = config.hidden_size, config.moe_intermediate_size
-    shared = i * (config.n_shared_experts or 0)
-    per_layer_params = (config.n_routed_experts or 0) * 3 * d * i + 3 * d * shared
-    per_layer_channels = (config.n_routed_experts or 0) * (2 * i + d) + (2 * shared + d if shared else 0)
-    return layers * per_layer_params, layers * per_layer_channels
-
-
-def weight_bytes(n_params: int, experts: int, channels: int, fmt: str, bytes_per_param: int = 2) -> int:
-    """Bytes of weights of ``n_params`` parameters, ``experts`` of them expert parameters with
-    ``channels`` output channels (:func:`expert_parameters`), stored in ``fmt``: "none", every
-    parameter at ``bytes_per_param``; "int8"/"fp8", experts one byte each plus a float32 scale
-    per channel."""
-    if fmt == "none":
-        return n_params * bytes_per_param
-    return (n_params - experts) * bytes_per_param + experts + channels * 4

@@ -2,7 +2,7 @@
 
 :func:`plan_memory` adds five terms, each from shapes (nothing is allocated):
 
-* weights in their format (bf16, or int8/fp8 experts: :func:`~..model.quantization.weight_bytes`);
+* weights in their format (bf16, or int8/fp8 experts: :func:`weight_bytes`);
 * the decode state: every buffer ``DecodeState.allocate`` (engine/decode.py) makes for
   ``slots`` requests of ``max_len`` tokens, the KV cache holding ``max_len + 1`` positions;
 * the CUDA graph pool: the outputs every captured decode graph keeps, plus one step's temporaries;
@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..model.config import DeepseekVL2Config, LanguageConfig
-from ..model.quantization import expert_parameters, weight_bytes
 
 GIB = 1024**3
 # The CUDA context (about 0.5 GiB on an H100 with lazy module loading), cuBLAS workspaces and the
@@ -151,13 +150,23 @@ def language_chunk_bytes(language: LanguageConfig, chunk: int, max_len: int, dty
     return held + max(attention, moe, dense) + logits
 
 
+def weight_bytes(n_params: int, experts: int, channels: int, fmt: str, bytes_per_param: int = 2) -> int:
+    """Bytes of weights of ``n_params`` parameters, ``experts`` of them expert parameters with
+    ``channels`` output channels (``LanguageConfig.expert_parameters``), stored in ``fmt``: "none",
+    every parameter at ``bytes_per_param``; "int8"/"fp8", experts one byte each plus a float32
+    scale per channel (model/quantization.py)."""
+    if fmt == "none":
+        return n_params * bytes_per_param
+    return (n_params - experts) * bytes_per_param + experts + channels * FLOAT32
+
+
 def plan_memory(config: DeepseekVL2Config, fmt: str, slots: int, n_params: int, *, prefill_chunk: int,
                 kv_bucket: int, graphs: bool, dtype: torch.dtype = torch.bfloat16) -> MemoryPlan:
     """GPU bytes to serve ``config`` (``n_params`` parameters) with experts in ``fmt`` and ``slots``
     decode slots of the model's context; ``graphs``: the decode step is captured as CUDA graphs."""
     language, b = config.language, dtype.itemsize
     max_len = language.max_position_embeddings
-    experts, channels = expert_parameters(language)
+    experts, channels = language.expert_parameters()
     return MemoryPlan(
         fmt=fmt,
         slots=slots,

@@ -15,18 +15,18 @@ from typing import Optional, Sequence
 import torch
 
 from ..model.config import DeepseekVL2Config
-from ..model.quantization import QUANTIZE_ENV, QUANTIZE_SETTINGS, expert_parameters, weight_bytes
-from .memory_plan import GIB, MemoryPlan, plan_memory
+from ..model.quantization import QUANTIZE_ENV
+from .memory_plan import GIB, MemoryPlan, plan_memory, weight_bytes
 from .variants import BYTES_PER_PARAM, VARIANT_ENV, VARIANTS
 
-__all__ = ["AUTO_FALLBACK", "QUANTIZE_ENV", "QUANTIZE_SETTINGS", "VARIANT_EXPERTS", "fit_memory", "parameters_on_disk"]
+__all__ = ["AUTO_FALLBACK", "QUANTIZE_ENV", "VARIANT_EXPERTS", "fit_memory", "parameters_on_disk"]
 
 log = logging.getLogger(__name__)
 
 AUTO_FALLBACK = "int8"  # the 8-bit format auto picks: it runs on every GPU and the CPU
 
 # (expert parameters, expert output channels) of each published variant, from its config.json
-# (model.quantization.expert_parameters; tests/test_quantization.py checks them).
+# (LanguageConfig.expert_parameters; tests/model/test_quantization.py checks them).
 VARIANT_EXPERTS: dict[str, tuple[int, int]] = {
     "tiny": (2_497_904_640, 2_216_192),
     "small": (14_844_690_432, 8_293_376),
@@ -82,7 +82,8 @@ def _advice(one: MemoryPlan, n_params: int, free_bytes: int, config: DeepseekVL2
     others = one.total - one.weights
     hints = []
     if one.fmt == "none":
-        eight_bit = weight_bytes(n_params, *expert_parameters(config.language), AUTO_FALLBACK, BYTES_PER_PARAM) + others
+        experts = config.language.expert_parameters()
+        eight_bit = weight_bytes(n_params, *experts, AUTO_FALLBACK, BYTES_PER_PARAM) + others
         if eight_bit <= free_bytes:
             hints.append(f"Set {QUANTIZE_ENV}={AUTO_FALLBACK} (or auto) to keep this model "
                          f"(about {eight_bit / GIB:.0f} GiB).")

@@ -34,6 +34,8 @@ from deepseek_vl2.engine.decode import DecodeEngine, batch_buckets
 from deepseek_vl2.engine.sampling import SamplingParams
 from tools.checkpoints import make_checkpoint
 
+pytestmark = pytest.mark.slow  # torch.compile on the CPU: minutes
+
 SLOTS = 8
 CONTEXT = 1024
 

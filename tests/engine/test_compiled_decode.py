@@ -63,6 +63,7 @@ def _greedy(n_new: int, penalty: float = 1.0) -> SamplingParams:
                           max_new_tokens=n_new)
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @requires_reference
 @pytest.mark.parametrize(("config", "case"), _cases())
 def test_compiled_decode_matches_eager_and_reference(config: str, case: str) -> None:
@@ -83,6 +84,7 @@ def test_compiled_decode_matches_eager_and_reference(config: str, case: str) -> 
         assert penalised == meta[key]["new_tokens"] == _ids(eager, inputs, _greedy(meta[key]["n_new"], 1.1))
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @requires_reference
 def test_no_recompilation_over_64_steps_and_across_kv_buckets() -> None:
     _, compiled = schedulers("tiny")
@@ -98,6 +100,7 @@ def test_no_recompilation_over_64_steps_and_across_kv_buckets() -> None:
         "a new KV bucket must reuse the compiled step (kv_len is dynamic)"
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @requires_reference
 def test_compiled_batched_decode_equals_single_and_eager() -> None:
     eager, compiled = schedulers("tiny")
@@ -113,6 +116,7 @@ def test_compiled_batched_decode_equals_single_and_eager() -> None:
     assert [h.request.tokens for h in handles] == single
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @requires_reference
 def test_warmup_reports_buckets_and_leaves_a_running_request_alone(monkeypatch) -> None:
     """A warm-up while a request is decoding (its scheduler held after its fourth token) leaves that
@@ -154,6 +158,7 @@ def test_batch_buckets() -> None:
     assert batch_buckets(6) == [1, 2, 4, 6]
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_copy_free_moe_equals_the_reference_moe_and_copies_no_weights(tokens: int) -> None:
     from torch._inductor.utils import run_and_get_code
@@ -210,6 +215,7 @@ def test_eager_cpu_decode_loops_over_the_chosen_experts(monkeypatch) -> None:
     assert called == [1]
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 def test_the_buffer_check_sees_a_copy() -> None:
     from torch._inductor.utils import run_and_get_code
 
@@ -219,6 +225,7 @@ def test_the_buffer_check_sees_a_copy() -> None:
     assert max(buffer_numels("\n".join(code))) >= 3 * 96 * 64
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 def test_moe_decode_uses_the_indexed_path_only_when_compiling() -> None:
     config = LanguageConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
                             n_shared_experts=1, topk_method="greedy")
@@ -252,6 +259,7 @@ def test_vision_tower_uses_fused_attention_on_all_tiles_in_one_batch() -> None:
     assert batches == [inputs.images.shape[0]] == [7]
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 def test_a_bounded_dynamic_dimension_fails_on_a_shape_guard_and_the_engine_sets_no_bounds() -> None:
     """``mark_dynamic(min=, max=)`` turns any guard on the dimension (an attention backend's
     ``% 8`` choice, say) into ConstraintViolationError; without bounds the same guard compiles.

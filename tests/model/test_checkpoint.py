@@ -39,7 +39,7 @@ def test_bfloat16_runs_on_cpu_close_to_float32(single: Path) -> None:
     reference, low = _logits(single), _logits(single, torch.bfloat16)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     # bf16 keeps ~3 significant digits; random weights amplify it, so only a sanity bound here.
-    # The measured drift on the fixture cases is in the README (tools/parity/measure_bf16_drift.py).
+    # The measured drift on the fixture cases is in the README (tools/parity/measure_drift.py).
     assert (low - reference).abs().max() < 0.25 * reference.abs().max()
 
 

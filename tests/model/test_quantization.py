@@ -8,9 +8,9 @@ import torch
 
 from deepseek_vl2.model.checkpoint import build_on_meta, load_model
 from deepseek_vl2.model.config import LanguageConfig, config_from_dict
-from deepseek_vl2.model.moe import MoE, StackedExperts
-from deepseek_vl2.model.quantization import (QuantizedLinear, expert_parameters, quantize_experts, quantize_rows,
-                                             weight_bytes)
+from deepseek_vl2.model.moe import MoE, StackedExperts, quantize_experts
+from deepseek_vl2.model.quantization import QuantizedLinear, quantize_rows
+from deepseek_vl2.weights.memory_plan import weight_bytes
 from deepseek_vl2.weights.sizing import VARIANT_EXPERTS
 from deepseek_vl2.weights.variants import VARIANTS
 from tools.checkpoints import make_checkpoint
@@ -76,6 +76,7 @@ def test_every_path_with_8bit_experts_equals_the_dequantized_float_experts(fmt: 
             torch.testing.assert_close(path(x, ids), reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_compiled_8bit_decode_dequantizes_inside_the_reduction(fmt: str, tokens: int) -> None:
@@ -96,6 +97,7 @@ def test_compiled_8bit_decode_dequantizes_inside_the_reduction(fmt: str, tokens:
     assert largest < gathered // 4, f"a buffer of {largest} elements: the chosen weights were copied"
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_8bit_moe_layer_eager_equals_compiled(fmt: str) -> None:
     moe = _quantized_moe(fmt, 2, 0.2, hidden_size=32, moe_intermediate_size=16, n_routed_experts=8,
@@ -122,7 +124,7 @@ def test_loaded_8bit_model_holds_the_bytes_the_sizing_rule_counts(variant: str, 
     for fmt in ("none", *FORMATS):
         model = load_model(path, device="cpu", dtype=torch.bfloat16, quantize=fmt)
         n_params = sum(p.numel() for p in build_on_meta(model.config).parameters())
-        experts, channels = expert_parameters(model.config.language)
+        experts, channels = model.config.language.expert_parameters()
         loaded = sum(p.nbytes for p in model.parameters())
         assert loaded == weight_bytes(n_params, experts, channels, fmt, bytes_per_param=2), fmt
         if fmt != "none":
@@ -134,7 +136,7 @@ def test_loaded_8bit_model_holds_the_bytes_the_sizing_rule_counts(variant: str, 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_expert_counts_are_those_of_the_published_shapes(variant: str) -> None:
     config = config_from_dict(random_config_json(variant, "real", dtype=torch.bfloat16))
-    assert VARIANT_EXPERTS[variant] == expert_parameters(config.language)
+    assert VARIANT_EXPERTS[variant] == config.language.expert_parameters()
 
 
 def test_8bit_loading_gives_logits_close_to_float32(tmp_path_factory) -> None:
@@ -155,10 +157,13 @@ def test_quantize_setting_is_read_once_and_checked() -> None:
     from deepseek_vl2.engine.config import ConfigError, EngineConfig
     assert EngineConfig.from_environment({}).quantize == "auto"
     assert EngineConfig.from_environment({"DSVL2_QUANTIZE": " FP8 "}).quantize == "fp8"
-    with pytest.raises(ConfigError, match="DSVL2_QUANTIZE must be one of auto, none, int8, fp8, got 'int4'"):
+    with pytest.raises(ConfigError, match=r"DSVL2_QUANTIZE \(quantize\) must be one of auto, none, int8, fp8, got 'int4'"):
         EngineConfig.from_environment({"DSVL2_QUANTIZE": "int4"})
+    with pytest.raises(ConfigError, match=r"DSVL2_QUANTIZE \(quantize\) must be one of .*, got 'int4'"):
+        EngineConfig(quantize="int4")
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_compiled_decode_step_with_8bit_experts_equals_eager(fmt: str, tmp_path_factory) -> None:
     """The engine's compiled decode step (engine/decode.py) runs the 8-bit fused path; its greedy

@@ -1,7 +1,7 @@
 """8-bit expert weights against the official float32 fixtures: teacher-forced log-prob drift.
 
 The measured figures for every config, case and format (with bf16 beside them) are in
-docs/correctness.md ("8-bit experts"); tools/parity/measure_quantized_drift.py prints them.
+docs/correctness.md ("8-bit experts"); tools/parity/measure_drift.py prints them.
 
 Bounds, on the mean over a prompt's positions of |log p(next token)| against the fixture's
 ``teacher_forced_logprobs`` (the max over positions is ruled by routing flips: a position whose

@@ -189,3 +189,100 @@ def test_a_clean_module_has_no_violations() -> None:
     imports = parse_imports("from .config import LanguageConfig\nimport torch\n", [PACKAGE, "model"],
                             REPO_ROOT / PACKAGE / "model" / "probe.py")
     assert not violations_in(imports, FORBIDDEN[f"{PACKAGE}.model"] + OUTSIDE_THE_PACKAGE)
+
+
+def type_checking_lines(source: str) -> set[int]:
+    """Lines of the imports under ``if TYPE_CHECKING:``: read by type checkers, never run."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        test = node.test if isinstance(node, ast.If) else None
+        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+                (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
+            lines |= {inner.lineno for statement in node.body for inner in ast.walk(statement)
+                      if isinstance(inner, (ast.Import, ast.ImportFrom))}
+    return lines
+
+
+def import_graph(files: list[Path]) -> dict[str, dict[str, Import]]:
+    """Module → {imported module of the same files → the first import of it}: every import that
+    runs, at module level or inside a function (an import deferred into a function is still an
+    edge); imports for type checkers only are not."""
+    modules = {module_name(path): path for path in files}
+    graph: dict[str, dict[str, Import]] = {name: {} for name in modules}
+    for name, path in modules.items():
+        skipped = type_checking_lines(path.read_text(encoding="utf-8"))
+        for found in imports_of(path):
+            if found.module in modules and found.module != name and found.line not in skipped:
+                graph[name].setdefault(found.module, found)
+    return graph
+
+
+def import_cycles(graph: dict[str, dict[str, Import]]) -> list[list[Import]]:
+    """One cycle (as the imports that close it) per strongly connected group of modules."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in graph[module]:
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = set()
+            while not group or group_member != module:
+                group_member = stack.pop()
+                group.add(group_member)
+            if len(group) > 1:
+                groups.append(group)
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return [_cycle_within(graph, group) for group in groups]
+
+
+def _cycle_within(graph: dict[str, dict[str, Import]], group: set[str]) -> list[Import]:
+    """A shortest path of imports from the group's first module back to itself, inside the group."""
+    start = min(group)
+    paths: dict[str, list[Import]] = {start: []}
+    frontier = [start]
+    while frontier:
+        following = []
+        for module in frontier:
+            for target, found in sorted(graph[module].items()):
+                if target == start:
+                    return paths[module] + [found]
+                if target in group and target not in paths:
+                    paths[target] = paths[module] + [found]
+                    following.append(target)
+        frontier = following
+    raise AssertionError(f"no cycle through {start} in {sorted(group)}")
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    """A module imports only what does not import it back, even lazily inside a function."""
+    cycles = import_cycles(import_graph(python_files(PACKAGE)))
+    assert not cycles, [" → ".join(str(found) for found in cycle) for cycle in cycles]
+
+
+def test_a_cycle_through_a_function_level_import_is_found() -> None:
+    """The check sees a cycle closed by an import deferred into a function (it cannot pass vacuously)."""
+    model = REPO_ROOT / PACKAGE / "model"
+    first = parse_imports("from .second import f\n", [PACKAGE, "model"], model / "first.py")
+    second = parse_imports("def f():\n    from .first import g\n", [PACKAGE, "model"], model / "second.py")
+    names = {"first": f"{PACKAGE}.model.first", "second": f"{PACKAGE}.model.second"}
+    graph = {names["first"]: {names["second"]: first[0]}, names["second"]: {names["first"]: second[0]}}
+    cycles = import_cycles(graph)
+    assert [[found.module for found in cycle] for cycle in cycles] == [[names["second"], names["first"]]]
+    assert import_cycles({names["first"]: {names["second"]: first[0]}, names["second"]: {}}) == []
+
+
+def test_an_import_for_type_checkers_only_is_no_edge() -> None:
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .first import g\nfrom .third import h\n"
+    assert type_checking_lines(source) == {3}

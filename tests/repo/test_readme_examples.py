@@ -4,7 +4,7 @@ The server is Cog's real HTTP server on predict.py with a tiny random-weight che
 README's "A local server" serves). Each bash block of the "Calling the server" sections of both
 documents is run by bash from the repository root, with only the address changed to the test
 server's free port. The cancelling block is left out here because it times a cancel with `sleep`;
-cancellation through the server is tested in test_predict_inputs.py and test_robustness.py.
+cancellation through the server is tested in test_predict_http.py and test_robustness.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ official processor's tokens (through predict.py's checks and the engine's `prepa
 a prediction takes), and, through Cog's real HTTP server, the official greedy answer (its text
 and token count, streamed). Text-only and multi-turn requests batched beside an image request
 give the answers each gives alone.
-The malformed-conversation cases are in test_robustness.py and test_predict_inputs.py.
+The malformed-conversation cases are in test_robustness.py, test_predict_inputs.py and test_predict_http.py.
 """
 
 from __future__ import annotations

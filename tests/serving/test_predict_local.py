@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tools.checkpoints import make_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a whole run of the script in a process of its own
 def test_predict_local_streams_an_answer_and_logs_to_stderr(tmp_path: Path) -> None:
     checkpoint = make_checkpoint(tmp_path / "ckpt", variant="tiny", seed=2)
     result = subprocess.run(

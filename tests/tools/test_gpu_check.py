@@ -154,16 +154,23 @@ def test_each_call_fits_its_time_limit() -> None:
         assert total <= CALL_SECONDS, (call, total, limits)
 
 
-@pytest.mark.parametrize("module", ["tools.gpu_check.check", "tools.gpu_check.cog_stage", "tools.benchmark",
-                                    "tools.parity.measure_bf16_drift"])
-def test_scripts_import_without_pytest_or_pygments(module: str) -> None:
+SCRIPTS_OF_THE_CHECK = ("tools.gpu_check.check", "tools.gpu_check.cog_stage", "tools.benchmark",
+                        "tools.parity.measure_drift")
+
+
+def test_scripts_import_without_pytest_or_pygments() -> None:
     """The GPU machine has no pytest (nor pygments, which pytest imports): every script of the check
-    but the parity tests must import without them (reference_data imports pytest lazily)."""
-    code = ("import sys; sys.modules['pytest'] = None; sys.modules['pygments'] = None; "
-            "import importlib; importlib.import_module(sys.argv[1])")
-    done = subprocess.run([sys.executable, "-c", code, module], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    but the parity tests must import without them (reference_data imports pytest lazily). One
+    process imports them all (torch once); each failure is named."""
+    code = ("import importlib, sys, traceback; sys.modules['pytest'] = None; sys.modules['pygments'] = None\n"
+            "failed = []\n"
+            "for name in sys.argv[1:]:\n"
+            "    try:\n        importlib.import_module(name)\n"
+            "    except Exception:\n        failed.append(name + ': ' + traceback.format_exc(limit=-2))\n"
+            "sys.exit('\\n'.join(failed) or None)\n")
+    done = subprocess.run([sys.executable, "-c", code, *SCRIPTS_OF_THE_CHECK], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def _alive(pid: int) -> bool:
@@ -203,6 +210,7 @@ def _wait_for(path: Path, seconds: float = 60) -> int:
     return int(path.read_text())
 
 
+@pytest.mark.slow  # runs the stage's script in processes of its own
 def test_the_cog_stage_ends_its_server_and_worker_at_its_deadline(fake_cog, tmp_path) -> None:
     env, pids = fake_cog
     done = subprocess.run([sys.executable, "-m", "tools.gpu_check.cog_stage", str(tmp_path / "cog.json"), "--seconds", "8"],
@@ -215,6 +223,7 @@ def test_the_cog_stage_ends_its_server_and_worker_at_its_deadline(fake_cog, tmp_
     assert not _alive(server) and not _alive(worker)
 
 
+@pytest.mark.slow  # runs the stage's script in processes of its own
 def test_the_cog_stage_ends_its_server_and_worker_when_the_check_ends_it(fake_cog, tmp_path) -> None:
     """The check ends a stage past its limit with SIGTERM to the stage's process group; Cog's
     server runs in its own process group, so the stage must end it (and its worker) itself."""
@@ -246,6 +255,7 @@ def _wheel(folder: Path, name: str, broken: bool = False) -> Path:
     return path
 
 
+@pytest.mark.slow  # runs the stage's script in processes of its own
 def test_carried_wheels_install_only_what_the_machine_lacks_and_a_failure_goes_on(tmp_path) -> None:
     """A carried wheel of a distribution the interpreter has (packaging here) is not installed (it
     would shadow the machine's own); a missing one is; a wheel that cannot install is reported and

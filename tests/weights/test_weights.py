@@ -150,6 +150,7 @@ def test_progress_lines_read_well_in_a_log() -> None:
     assert "\r" not in line and "s left" in line
 
 
+@pytest.mark.server  # starts Cog's real server
 def test_cog_server_loads_weights_from_a_tarball_url(tmp_path: Path, tarball: bytes) -> None:
     """Through Cog's real server: COG_WEIGHTS is the URL; the first transfer is cut short."""
     with weights_host(tarball, cut_after=len(tarball) // 4) as host:
@@ -165,6 +166,7 @@ def test_cog_server_loads_weights_from_a_tarball_url(tmp_path: Path, tarball: by
     assert "downloading http://127.0.0.1" in log and "extracting" in log
 
 
+@pytest.mark.slow  # runs scripts/serve.sh in a process of its own
 def test_serve_sh_refuses_an_unasked_download() -> None:
     """`scripts/serve.sh` with no COG_WEIGHTS, an empty weights/ and no DSVL2_VARIANT stops
     before starting a server, saying what it could download and how large."""

@@ -7,7 +7,7 @@ other whatever the previous one did:
   faster that works — compiled + CUDA graphs, else eager — for the stages below, saying why;
 * ``parity``: the reference-parity tests (tests/parity/test_reference.py, model sections) with
   ``DSVL2_TEST_DEVICE=cuda`` — the only stage that needs pytest (skipped, saying so, without it)
-  — plus ``tools/parity/measure_bf16_drift.py --device cuda`` for the bf16 figures;
+  — plus ``tools/parity/measure_drift.py --formats bf16 --device cuda`` for the bf16 figures;
 * ``speed:VARIANT``: ``tools/benchmark.py`` on random weights of the real shapes, eager beside
   the preflight's rung, that variant's target rows, one sampled request (temperature 0.7, top_p 0.9),
   and a setup row (random build, compile count and seconds, CUDA graphs and their pool);
@@ -197,12 +197,13 @@ def parity_stage(check: Check, _: str) -> dict[str, Any]:
         result.update(outcome_counts(check.work / result["log"]))
         check.emit("parity", "counts", **{k: result[k] for k in ("passed", "failed", "skipped", "failures")})
     drift_json = check.work / "bf16_drift.json"
-    drift = [sys.executable, "-m", "tools.parity.measure_bf16_drift", "--device", check.args.device, "--json", str(drift_json)]
+    drift = [sys.executable, "-m", "tools.parity.measure_drift", "--formats", "bf16", "--device", check.args.device,
+             "--json", str(drift_json)]
     if check.args.dry_run:
         drift += ["--configs", "tiny", "--cases", "small_200x150"]
     result["bf16_drift"] = check.run("bf16_drift", drift, reference_env())
     with contextlib.suppress(OSError, ValueError, KeyError):
-        result["bf16_drift"]["summary"] = json.loads(drift_json.read_text())["summary"]
+        result["bf16_drift"]["summary"] = json.loads(drift_json.read_text())["summary"]["bf16"]
         check.emit("bf16_drift", "summary", **result["bf16_drift"]["summary"])
     return result
 

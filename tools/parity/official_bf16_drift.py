@@ -2,12 +2,12 @@
 
 Runs in the official code's environment (transformers 4.38.2 & co., as the shared official-code notes describe),
 never in ours: the official package is imported from DSVL2_OFFICIAL at run time and nothing of
-it is stored here. It reads the reference runs that ``tools/parity/measure_bf16_drift.py --save DIR``
+it is stored here. It reads the reference runs that ``tools/parity/measure_drift.py --formats bf16 --save DIR``
 wrote (our float32-storage and float64 logits and the float32 expert choice, per case), loads
 each fixture checkpoint into the official model in bfloat16, and runs it twice per case: free,
 and with every MoE gate's choice replaced by the saved float32 choice (weights from the gate's
 own scores at those ids, normalised and scaled as the official gate does). It prints the same
-figures as measure_bf16_drift.py (bound 3 needs our gate's margins and is left out).
+figures as measure_drift.py (bound 3 needs our gate's margins and is left out).
 
     PYTHONPATH=<official packages>:<stand-ins> DSVL2_OFFICIAL=<official checkout> \\
         python -m tools.parity.official_bf16_drift DIR [--json out.json] [--device cpu]
@@ -77,7 +77,7 @@ def official_logits(model, case: str, device: str) -> torch.Tensor:
 def main() -> None:
     """Check every saved case with the official bf16 model; one line each and a summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("saved", type=Path, help="folder written by measure_bf16_drift.py --save")
+    parser.add_argument("saved", type=Path, help="folder written by measure_drift.py --save")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
