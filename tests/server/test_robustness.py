@@ -919,7 +919,8 @@ def test_clean_text_keeps_text_and_drops_controls() -> None:
 def test_validate_inputs_cleans_prompt_and_system_prompt(image_dir) -> None:
     request = check_inputs(**direct_args(image_dir / "ok.png", prompt="Hi\x00!\r\n",
                                                     system_prompt="\x01Be brief.\x02"))
-    assert (request.prompt, request.system_prompt) == ("Hi!\n", "Be brief.")
+    # the untagged image is tagged before the newest turn's text, as the official demo does
+    assert (request.prompt, request.system_prompt) == ("<image>\nHi!\n", "Be brief.")
     with pytest.raises(ValueError, match="prompt must not be empty"):
         check_inputs(**direct_args(image_dir / "ok.png", prompt="\x00\x1b"))
 
