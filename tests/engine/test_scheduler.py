@@ -5,7 +5,6 @@ Runs on a small random checkpoint written by tools/checkpoints.py (no fixtures n
 """
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from deepseek_vl2.engine.request import Phase
 from deepseek_vl2.engine.sampling import SamplingParams
 from deepseek_vl2.engine.scheduler import BatchScheduler, Plan, schedule
 from tools.checkpoints import make_checkpoint
+from tools.testing.streams import consume_all
 
 # ----------------------------------------------------------------------------- the policy, pure
 
@@ -73,23 +73,9 @@ def _run_batched(generator: Generator, params: list[SamplingParams]) -> list[obj
     """Each request's tokens through a 3-slot scheduler, or the exception its stream raised."""
     inputs = [generator.prepare(p, []) for p in PROMPTS]
     scheduler = BatchScheduler(generator, max_batch=3, max_len=1024)
-    results: list[object] = [None] * len(inputs)
     try:
         handles = [scheduler.submit(i, p) for i, p in zip(inputs, params)]
-
-        def consume(k: int) -> None:
-            try:
-                "".join(handles[k])
-                results[k] = list(handles[k].request.tokens)
-            except Exception as error:  # noqa: BLE001 - the outcome under test
-                results[k] = error
-
-        threads = [threading.Thread(target=consume, args=(k,)) for k in range(len(handles))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert all(not t.is_alive() for t in threads), "a stream did not end"
+        results = consume_all(handles)
         assert scheduler.active == 0 and sorted(generator.engine.free_slots) == list(range(generator.engine.slots))
     finally:
         scheduler.close()

@@ -24,6 +24,7 @@ from deepseek_vl2.engine.sampling import SamplingParams
 from deepseek_vl2.engine.scheduler import BatchScheduler, EngineStoppedError, StepTimeoutError
 from deepseek_vl2.serving.service import _PrintHandler
 from tools.checkpoints import make_checkpoint
+from tools.testing.streams import consume_all
 
 PROMPTS = ["What is two plus two?", "Hi", "Tell me about boats."]
 DOOMED = 1  # the request each fault is aimed at
@@ -54,23 +55,6 @@ def expected(generator: Generator) -> list[list[int]]:
         return [scheduler.run(generator.prepare(p, []), q).tokens for p, q in zip(PROMPTS, _params())]
 
 
-def _consume(handles: list, results: list, timeout: float = 120) -> None:
-    """Read every handle in its own thread; each result is its tokens or the exception it raised."""
-    def read(k: int) -> None:
-        try:
-            "".join(handles[k])
-            results[k] = list(handles[k].request.tokens)
-        except Exception as error:  # noqa: BLE001 - the outcome under test
-            results[k] = error
-
-    threads = [threading.Thread(target=read, args=(k,)) for k in range(len(handles))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=timeout)
-    assert all(not t.is_alive() for t in threads), "a stream did not end"
-
-
 def _storm_with(generator: Generator, expected: list[list[int]], inject: Callable[[BatchScheduler, list], None],
                 lost_slots: int = 0) -> list[object]:
     """Three requests on a 3-slot scheduler with a fault injected by ``inject(scheduler, params)``;
@@ -81,8 +65,7 @@ def _storm_with(generator: Generator, expected: list[list[int]], inject: Callabl
     try:
         inject(scheduler, params)
         handles = [scheduler.submit(generator.prepare(p, []), q) for p, q in zip(PROMPTS, params)]
-        results: list[object] = [None] * 3
-        _consume(handles, results)
+        results = consume_all(handles)
         assert scheduler.healthy
         follow_up = SamplingParams(temperature=0.0, max_new_tokens=9, ignore_eos=True)
         assert scheduler.run(generator.prepare(PROMPTS[1], []), follow_up).tokens == expected[1]
@@ -257,8 +240,7 @@ def test_a_loop_that_cannot_go_on_says_so(generator: Generator, monkeypatch) -> 
     try:
         handles = [scheduler.submit(generator.prepare(p, []), q) for p, q in zip(PROMPTS, _params())]
         submitted.set()
-        results: list[object] = [None] * 3
-        _consume(handles, results, timeout=30)
+        results = consume_all(handles, timeout=30)
         assert all(isinstance(r, EngineStoppedError) and "device lost" in str(r) for r in results), results
         assert not scheduler.healthy
         started = time.monotonic()
@@ -332,8 +314,7 @@ def test_every_slot_lost_stops_the_loop_with_a_message(generator: Generator, mon
     slots = generator.engine.slots
     try:
         handles = [scheduler.submit(generator.prepare("Hi", []), params) for _ in range(slots + 1)]
-        results: list[object] = [None] * (slots + 1)
-        _consume(handles, results, timeout=30)
+        results = consume_all(handles, timeout=30)
         assert all(isinstance(r, InjectedFault) for r in results[:slots]), results
         assert isinstance(results[slots], EngineStoppedError) and "slots were lost" in str(results[slots]), results
         assert not scheduler.healthy
